@@ -1,0 +1,573 @@
+"""Trace a model into channel groups: the layers that share one channel axis and must be cut together.
+
+A *channel space* is one run of channels born in one place: the output filters of a conv or linear
+layer, or a model input. Ops that keep channels one-to-one (BatchNorm, activations, pooling, depthwise
+convs) pass a space through; element-wise ops with two tensor operands (a residual ``add``, a
+squeeze-excite ``mul``) merge the spaces of their operands, since the sum is only defined when both
+sides keep the same channels; ``cat`` along channels lays spaces side by side; ``flatten`` turns each
+channel into a block of ``H*W`` features. Merged spaces form a :class:`ChannelGroup`.
+
+Every parameter axis indexed by channels (a conv's filters or inputs, a BN's entries, a linear's
+inputs) is recorded as a :class:`Layout`: the spaces it sees, in order, with the offset and block size
+of each. Cutting a group then means slicing each recorded axis at the right offsets, which is what
+``surgery`` does.
+
+Anything whose channel semantics are unknown (an op we do not model, a grouped conv, a hard-coded
+reshape, the model's inputs and outputs) *freezes* the spaces it touches: frozen groups are left whole,
+with the reason recorded, so a model is never cut somewhere we do not understand.
+
+This module knows nothing of Lightning or Hydra.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+
+from slimnet._modes import preserved_modes
+
+
+class TraceError(RuntimeError):
+    """The model could not be captured by ``torch.fx``; the message ends with a hint."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Channel spaces and layouts
+
+
+class _Space:
+    """An atomic run of ``size`` channels; merged with others through a union-find ``parent``."""
+
+    __slots__ = ("id", "size", "parent", "frozen_by")
+
+    def __init__(self, id_: int, size: int):
+        self.id, self.size, self.parent, self.frozen_by = id_, size, self, []
+
+    def root(self) -> _Space:
+        node = self
+        while node.parent is not node:
+            node.parent = node.parent.parent  # path halving
+            node = node.parent
+        return node
+
+
+@dataclass(frozen=True)
+class Segment:
+    """``space`` channels seen through a block of ``mult`` consecutive features per channel."""
+
+    space: _Space
+    mult: int = 1
+
+
+Layout = tuple  # tuple[Segment, ...]: the spaces one tensor's channel axis is made of, in order
+
+
+def _layout_size(layout: Layout) -> int:
+    return sum(seg.space.size * seg.mult for seg in layout)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass
+class AxisRef:
+    """One parameter axis of one module that sees a group's channels.
+
+    ``kind`` is ``"out"`` (a conv's filters / a linear's outputs: weight dim 0), ``"in"`` (weight
+    dim 1), ``"bn"`` (a norm's per-channel entries) or ``"dw"`` (a depthwise conv: filters, inputs and
+    groups together). Channel ``c`` of the group occupies features ``offset + c*mult ... + mult - 1``.
+    """
+
+    module: str
+    kind: str
+    offset: int
+    mult: int
+
+
+@dataclass
+class ChannelGroup:
+    """Channels that must be kept or removed together, and every axis that sees them."""
+
+    id: int
+    size: int
+    refs: list[AxisRef] = field(default_factory=list)
+    frozen_by: list[str] = field(default_factory=list)
+
+    @property
+    def producers(self) -> list[str]:
+        return sorted({r.module for r in self.refs if r.kind == "out"})
+
+    @property
+    def norms(self) -> list[AxisRef]:
+        return [r for r in self.refs if r.kind == "bn"]
+
+    @property
+    def consumers(self) -> list[str]:
+        return sorted({r.module for r in self.refs if r.kind == "in"})
+
+    @property
+    def prunable(self) -> bool:
+        """Cut only what is understood: not frozen, born in a layer we can slice, ranked by a BN."""
+        return not self.frozen_by and bool(self.producers) and bool(self.norms)
+
+    def describe(self) -> str:
+        names = self.producers or sorted({r.module for r in self.refs})
+        return ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")
+
+
+@dataclass
+class ChannelGraph:
+    """The channel groups of a model, and for each sliceable axis the layout it sees."""
+
+    groups: list[ChannelGroup]
+    axes: dict[tuple[str, str], list[tuple[int, int, int]]]  # (module, kind) -> [(group id, size, mult)]
+    warnings: list[str] = field(default_factory=list)
+
+    def group_of(self, module: str, kind: str = "out") -> ChannelGroup:
+        """The group a module's axis belongs to (its first segment's group)."""
+        gid = self.axes[(module, kind)][0][0]
+        return self.groups[gid]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Which ops do what to channels
+
+# Modules that map each channel to itself (shape[1] in == shape[1] out).
+_CHANNELWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid,
+    nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Identity,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad2d, nn.ConstantPad2d,
+    nn.ReflectionPad2d, nn.ReplicationPad2d,
+)
+
+# Functions and tensor methods that map each channel to itself, channel tensor first.
+_CHANNELWISE_FUNCTIONS = {
+    F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardswish,
+    F.hardsigmoid, F.hardtanh, F.softplus, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.interpolate, F.pad,
+    torch.relu, torch.relu_, torch.sigmoid, torch.tanh, torch.clamp, torch.clip, torch.abs, torch.neg,
+    torch.exp, torch.square, torch.sqrt, operator.neg, F.sigmoid, F.tanh,
+}
+_CHANNELWISE_METHODS = {
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clamp_min",
+    "clamp_min_", "clamp_max", "clip", "abs", "neg", "exp", "square", "sqrt", "contiguous", "clone",
+    "float", "half", "double", "to", "type_as", "detach", "requires_grad_",
+}
+
+# Element-wise ops of two operands: channel i of the result needs channel i of each tensor operand.
+_BINARY_FUNCTIONS = {
+    operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
+    operator.truediv, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div, torch.maximum,
+    torch.minimum,
+}
+_BINARY_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum", "minimum"}
+
+_RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
+_RESHAPE_METHODS = {"flatten", "view", "reshape", "squeeze", "unsqueeze"}
+_REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
+_REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
+_CAT_FUNCTIONS = {torch.cat, torch.concat}
+# Reading a tensor's metadata does not depend on which channels it holds.
+_METADATA_METHODS = {"size", "dim", "numel"}
+
+
+class _Tracer(fx.Tracer):
+    """``fx.Tracer`` that also keeps any conv, linear or norm subclass as one leaf.
+
+    Users subclass ``nn.Conv2d`` or ``_BatchNorm`` (or wrap them) outside ``torch.nn``; tracing into
+    their ``forward`` would hide the layer we need to slice. ``leaf_modules`` lets a caller keep a
+    module whose forward cannot be traced as a black box (its channels are then left whole).
+    """
+
+    def __init__(self, leaf_types: tuple[type, ...] = ()):
+        super().__init__()
+        self.leaf_types = leaf_types
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, (_ConvNd, nn.Linear, _BatchNorm) + self.leaf_types):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def _trace(model: nn.Module, leaf_types: tuple[type, ...]) -> fx.GraphModule:
+    tracer = _Tracer(leaf_types)
+    try:
+        graph = tracer.trace(model)
+    except Exception as err:  # fx raises many types; all mean "cannot capture this forward"
+        where = ""
+        for frame in reversed(err.__traceback__ and _frames(err.__traceback__) or []):
+            if frame.startswith("forward of "):
+                where = f" in {frame[len('forward of '):]}"
+                break
+        raise TraceError(
+            f"torch.fx could not trace {type(model).__name__}{where}: {type(err).__name__}: {err}. "
+            "Hint: data-dependent Python control flow defeats symbolic tracing; pass that submodule's "
+            "class in leaf_modules=[...] so it is kept whole, or rewrite the branch with torch.where."
+        ) from err
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _frames(tb) -> list[str]:
+    """Names of the ``forward`` methods on a traceback, innermost last (to name the failing module)."""
+    out = []
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name == "forward":
+            self_obj = tb.tb_frame.f_locals.get("self")
+            if isinstance(self_obj, nn.Module):
+                out.append(f"forward of {type(self_obj).__name__}")
+        tb = tb.tb_next
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# The analysis
+
+
+class _Analysis:
+    """Walks an fx graph once, in topological order, assigning a channel layout to every tensor."""
+
+    def __init__(self, gm: fx.GraphModule, shapes: dict[str, torch.Size | None]):
+        self.gm = gm
+        self.modules = dict(gm.named_modules())
+        self.shapes = shapes
+        self.spaces: list[_Space] = []
+        self.layout: dict[fx.Node, object] = {}  # node -> Layout | tuple of layouts | None
+        self.axes: dict[tuple[str, str], Layout] = {}
+        self.module_out: dict[str, _Space] = {}  # a module called twice gives one output space
+        self.warnings: list[str] = []
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def new_space(self, size: int, frozen_by: str | None = None) -> Layout:
+        space = _Space(len(self.spaces), size)
+        if frozen_by:
+            space.frozen_by.append(frozen_by)
+        self.spaces.append(space)
+        return (Segment(space),)
+
+    def freeze(self, layout, reason: str) -> None:
+        if isinstance(layout, tuple) and layout and isinstance(layout[0], Segment):
+            for seg in layout:
+                seg.space.root().frozen_by.append(reason)
+        elif isinstance(layout, (tuple, list)):
+            for item in layout:
+                self.freeze(item, reason)
+
+    def union(self, a: Layout, b: Layout, reason: str) -> Layout:
+        """Merge two layouts channel by channel; if their structures differ, freeze both."""
+        if len(a) == len(b) and all(x.space.size == y.space.size and x.mult == y.mult for x, y in zip(a, b)):
+            for x, y in zip(a, b):
+                ra, rb = x.space.root(), y.space.root()
+                if ra is not rb:
+                    rb.parent = ra
+                    ra.frozen_by.extend(rb.frozen_by)
+            return a
+        self.freeze(a, reason)
+        self.freeze(b, reason)
+        return a
+
+    def shape(self, node) -> torch.Size | None:
+        return self.shapes.get(node.name) if isinstance(node, fx.Node) else None
+
+    def tensor_layout(self, arg):
+        """Layout of an argument that is a channel-carrying tensor, else None."""
+        if isinstance(arg, fx.Node):
+            lay = self.layout.get(arg)
+            if isinstance(lay, tuple) and lay and isinstance(lay[0], Segment):
+                return lay
+        return None
+
+    def fresh_output(self, node, reason: str):
+        shape = self.shape(node)
+        if shape is not None and len(shape) >= 2:
+            return self.new_space(int(shape[1]), reason)
+        return None
+
+    def unknown(self, node, what: str):
+        """An op we do not model: leave every group it touches whole, and say so once."""
+        reason = f"unknown op {what} at node '{node.name}'"
+        touched = [self.tensor_layout(a) for a in node.all_input_nodes]
+        touched = [t for t in touched if t is not None]
+        if touched:
+            self.freeze(touched, reason)
+            self.warnings.append(reason)
+        return self.fresh_output(node, reason)
+
+    def record(self, module: str, kind: str, layout: Layout) -> None:
+        key = (module, kind)
+        if key in self.axes:  # a module called more than once: all its inputs must be cut alike
+            self.union(self.axes[key], layout, f"shared module '{module}' sees different channels")
+        else:
+            self.axes[key] = layout
+
+    def output_space(self, module: str, size: int) -> Layout:
+        if module not in self.module_out:
+            self.module_out[module] = self.new_space(size)[0].space
+            self.axes[(module, "out")] = (Segment(self.module_out[module]),)
+        return (Segment(self.module_out[module]),)
+
+    # -- node handlers ------------------------------------------------------------------------------
+    def run(self) -> None:
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder":
+                self.layout[node] = self.fresh_output(node, "model input")
+            elif node.op == "get_attr":
+                self.layout[node] = None
+            elif node.op == "call_module":
+                self.layout[node] = self.call_module(node)
+            elif node.op in ("call_function", "call_method"):
+                self.layout[node] = self.call_function(node)
+            elif node.op == "output":
+                self.freeze([self.layout.get(n) for n in node.all_input_nodes], "model output")
+
+    def call_module(self, node):
+        name, m = node.target, self.modules[node.target]
+        x = self.tensor_layout(node.args[0]) if node.args else None
+        if x is None:
+            return self.unknown(node, f"{type(m).__name__} ('{name}') on an input without channels")
+        if isinstance(m, _ConvNd) and not m.transposed:
+            if m.groups == 1:
+                self.record(name, "in", x)
+                return self.output_space(name, m.out_channels)
+            if m.groups == m.in_channels == m.out_channels:  # depthwise: channel c filters channel c
+                self.record(name, "dw", x)
+                return x
+            reason = f"grouped conv '{name}' (groups={m.groups})"
+            self.freeze(x, reason)
+            return self.new_space(m.out_channels, reason)
+        if isinstance(m, nn.Linear):
+            if len(self.shape(node.args[0]) or ()) != 2:  # linear over the last dim of a >2-D tensor
+                return self.unknown(node, f"Linear '{name}' on a tensor that is not (N, C)")
+            self.record(name, "in", x)
+            return self.output_space(name, m.out_features)
+        if isinstance(m, _BatchNorm):
+            self.record(name, "bn", x)
+            return x
+        if isinstance(m, _CHANNELWISE_MODULES):
+            return self.channelwise(node, x)
+        if isinstance(m, nn.Flatten):
+            return self.reshape(node, x, hard_coded=False)
+        return self.unknown(node, f"{type(m).__name__} ('{name}')")
+
+    def call_function(self, node):
+        fn = node.target
+        is_method = node.op == "call_method"
+        x = self.tensor_layout(node.args[0]) if node.args else None
+        if (is_method and fn in _METADATA_METHODS) or fn is getattr:
+            return None  # x.size(), x.shape: metadata, not channel content
+        if fn is operator.getitem and x is None:
+            return self.getitem(node)
+        if (fn in _CHANNELWISE_METHODS) if is_method else (fn in _CHANNELWISE_FUNCTIONS):
+            if x is None:
+                return self.fresh_output(node, None) if self.shape(node) is not None else None
+            return self.channelwise(node, x)
+        if (fn in _BINARY_METHODS) if is_method else (fn in _BINARY_FUNCTIONS):
+            return self.binary(node)
+        if not is_method and fn in _CAT_FUNCTIONS:
+            return self.cat(node)
+        if (fn in _RESHAPE_METHODS) if is_method else (fn in _RESHAPE_FUNCTIONS):
+            if x is None:
+                return None
+            hard_coded = fn in ("view", "reshape") or fn is torch.reshape
+            return self.reshape(node, x, hard_coded=hard_coded)
+        if (fn in _REDUCE_METHODS) if is_method else (fn in _REDUCE_FUNCTIONS):
+            if x is None:
+                return None
+            return self.reduce(node, x)
+        if not node.all_input_nodes or all(self.tensor_layout(a) is None for a in node.all_input_nodes):
+            # Nothing channel-carrying goes in (shape arithmetic, constants): nothing to freeze.
+            shape = self.shape(node)
+            return self.new_space(int(shape[1]), f"tensor made at node '{node.name}'") if (
+                shape is not None and len(shape) >= 2) else None
+        return self.unknown(node, getattr(fn, "__name__", str(fn)))
+
+    def getitem(self, node):
+        source = node.args[0]
+        lay = self.layout.get(source) if isinstance(source, fx.Node) else None
+        if isinstance(lay, tuple) and lay and not isinstance(lay[0], Segment):
+            return lay[node.args[1]] if isinstance(node.args[1], int) and node.args[1] < len(lay) else None
+        return self.fresh_output(node, f"item of node '{source}'") if self.shape(node) is not None else None
+
+    def channelwise(self, node, x: Layout):
+        shape_in, shape_out = self.shape(node.args[0]), self.shape(node)
+        if shape_in is None or shape_out is None or len(shape_out) < 2 or shape_out[1] != shape_in[1]:
+            return self.unknown(node, f"'{node.target}' changing the channel count")
+        return x
+
+    def binary(self, node):
+        tensors = [a for a in node.args[:2] if isinstance(a, fx.Node) and self.shape(a) is not None]
+        layouts = [self.tensor_layout(a) for a in tensors]
+        out_shape = self.shape(node)
+        channelled = []
+        for arg, lay in zip(tensors, layouts):
+            if out_shape is not None and self._broadcasts_over_channels(self.shape(arg), out_shape):
+                continue  # a per-sample or scalar factor: any channel count works
+            if lay is None:  # a constant indexed by channel (a buffer): we cannot slice it
+                return self.unknown(node, f"{getattr(node.target, '__name__', node.target)} with a constant")
+            channelled.append(lay)
+        if not channelled:
+            return self.fresh_output(node, None) if out_shape is not None and len(out_shape) >= 2 else None
+        out = channelled[0]
+        for lay in channelled[1:]:
+            out = self.union(out, lay, f"operands of '{node.name}' with different channel layouts")
+        return out
+
+    @staticmethod
+    def _broadcasts_over_channels(shape, out_shape) -> bool:
+        """Whether an operand of ``shape`` is repeated along dim 1 of the ``out_shape`` result."""
+        if len(out_shape) < 2 or out_shape[1] == 1:
+            return False
+        index = 1 - (len(out_shape) - len(shape))  # broadcasting aligns shapes from the right
+        return index < 0 or shape[index] == 1
+
+    def cat(self, node):
+        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        layouts = [self.tensor_layout(t) for t in tensors]
+        ndim = len(self.shape(node) or ())
+        if any(lay is None for lay in layouts) or ndim < 2:
+            return self.unknown(node, "cat of tensors without channel layouts")
+        if dim % ndim == 1:
+            if any(seg.mult != 1 for lay in layouts for seg in lay):
+                return self.unknown(node, "cat of flattened features")
+            return tuple(seg for lay in layouts for seg in lay)
+        out = layouts[0]  # cat along batch or space: every part keeps the same channels
+        for lay in layouts[1:]:
+            out = self.union(out, lay, f"cat '{node.name}' of different channel layouts")
+        return out
+
+    def reshape(self, node, x: Layout, hard_coded: bool):
+        """Reshapes that keep dim 0 and either keep dim 1 (squeeze) or flatten everything into it."""
+        shape_in, shape_out = self.shape(node.args[0]), self.shape(node)
+        if shape_in is None or shape_out is None or len(shape_in) < 2 or len(shape_out) < 2:
+            return self.unknown(node, f"reshape '{node.name}'")
+        if hard_coded and not self._dim1_is_dynamic(node):
+            return self.unknown(node, f"reshape '{node.name}' with a hard-coded channel count")
+        rest = math.prod(shape_in[2:])
+        if shape_out[0] == shape_in[0] and shape_out[1] == shape_in[1] and math.prod(shape_out[2:]) == rest:
+            return x  # e.g. (N, C, 1, 1) -> (N, C): channel-major memory keeps channel c at c
+        if len(shape_out) == 2 and shape_out[0] == shape_in[0] and shape_out[1] == shape_in[1] * rest:
+            return tuple(Segment(seg.space, seg.mult * rest) for seg in x)  # c -> [c*rest, (c+1)*rest)
+        return self.unknown(node, f"reshape '{node.name}' {tuple(shape_in)} -> {tuple(shape_out)}")
+
+    @staticmethod
+    def _dim1_is_dynamic(node) -> bool:
+        """``x.view(n, -1)`` follows the channel count after a cut; ``x.view(n, 512)`` does not."""
+        shape_args = node.args[1:] if node.op == "call_method" else node.args[1:2]
+        if len(shape_args) == 1 and isinstance(shape_args[0], (tuple, list)):
+            shape_args = shape_args[0]
+        if len(shape_args) < 2:
+            return False
+        return shape_args[1] == -1 or isinstance(shape_args[1], fx.Node)
+
+    def reduce(self, node, x: Layout):
+        shape_in, shape_out = self.shape(node.args[0]), self.shape(node)
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if dims is None or shape_in is None or shape_out is None or len(shape_out) < 2:
+            return self.unknown(node, f"reduction '{node.name}' over channels")
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        if any(d % len(shape_in) in (0, 1) for d in dims) or shape_out[1] != shape_in[1]:
+            return self.unknown(node, f"reduction '{node.name}' over channels")
+        return x
+
+    # -- results ------------------------------------------------------------------------------------
+    def result(self) -> ChannelGraph:
+        roots: dict[int, ChannelGroup] = {}
+        for space in self.spaces:
+            root = space.root()
+            if root.id not in roots:
+                roots[root.id] = ChannelGroup(id=len(roots), size=root.size)
+        for space in self.spaces:
+            group = roots[space.root().id]
+            for reason in space.frozen_by:
+                if reason not in group.frozen_by:
+                    group.frozen_by.append(reason)
+        axes = {}
+        for (module, kind), layout in self.axes.items():
+            offset, parts = 0, []
+            for seg in layout:
+                group = roots[seg.space.root().id]
+                group.refs.append(AxisRef(module, kind, offset, seg.mult))
+                parts.append((group.id, seg.space.size, seg.mult))
+                offset += seg.space.size * seg.mult
+            axes[(module, kind)] = parts
+        groups = sorted(roots.values(), key=lambda g: g.id)
+        return ChannelGraph(groups=groups, axes=axes, warnings=list(dict.fromkeys(self.warnings)))
+
+
+def _shapes(gm: fx.GraphModule, example_inputs: tuple) -> dict[str, torch.Size | None]:
+    """Run the traced model once, recording each node's output shape.
+
+    Runs in train mode (the traced graph is the train-mode one, with auxiliary heads) but with every
+    norm's running statistics put back afterwards, so tracing never changes the model.
+    """
+    norms = [m for m in gm.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+             for m in norms]
+    shapes: dict[str, torch.Size | None] = {}
+    interp = fx.Interpreter(gm)
+    original_run_node = interp.run_node
+
+    def run_node(n):
+        out = original_run_node(n)
+        shapes[n.name] = out.shape if isinstance(out, torch.Tensor) else None
+        return out
+
+    interp.run_node = run_node
+    for m in norms:
+        m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
+    try:
+        with torch.no_grad():
+            interp.run(*example_inputs)
+    finally:
+        for m, (momentum, tracked) in zip(norms, saved):
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
+    return shapes
+
+
+def _as_batch_of_two(example_inputs) -> tuple:
+    """Train-mode BatchNorm needs more than one value per channel, so trace with a batch of two."""
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    out = []
+    for x in example_inputs:
+        if isinstance(x, torch.Tensor) and x.dim() > 0:
+            x = x[:2] if x.shape[0] >= 2 else torch.cat([x, x], 0)
+        out.append(x)
+    return tuple(out)
+
+
+def trace_channel_groups(model: nn.Module, example_inputs, leaf_modules=()) -> ChannelGraph:
+    """Trace ``model`` with ``torch.fx`` and return its channel groups.
+
+    Args:
+        model: any ``nn.Module`` whose forward ``torch.fx.symbolic_trace`` can capture.
+        example_inputs: a tensor or tuple of tensors the model accepts (shapes matter, values do not).
+        leaf_modules: module classes to keep as black boxes (their channels are left whole).
+
+    Raises:
+        TraceError: the forward cannot be traced; the message names the module and what to do.
+    """
+    with preserved_modes(model):
+        model.train()  # the train-mode graph includes auxiliary heads that also consume channels
+        gm = _trace(model, tuple(leaf_modules))
+        shapes = _shapes(gm, _as_batch_of_two(example_inputs))
+    analysis = _Analysis(gm, shapes)
+    analysis.run()
+    return analysis.result()
