@@ -1,0 +1,96 @@
+"""Save and load pruned models as data, never as pickled modules.
+
+An artifact is one ``torch.save`` file holding only tensors, strings and numbers, so
+``torch.load(weights_only=True)`` reads it:
+
+- ``state_dict``: the pruned weights;
+- ``plan``: the ``PrunePlan`` as JSON (kept indices per module axis, in the original numbering);
+- ``model_config``: JSON of the registry call that builds the *unpruned* model, when known.
+
+Loading builds the unpruned model (from the config, or the one the caller passes), replays the plan to
+get the pruned shapes, then loads the weights: the plan and the weights always travel together.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from slimnet.plan import PrunePlan
+from slimnet.surgery import replay_plan
+
+ARTIFACT_FORMAT = "slimnet-pruned/1"
+
+
+def atomic_save(obj, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename it into place.
+
+    A crash or a full disk mid-write leaves the previous file intact, never a half-written one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def safe_load(path: str | os.PathLike, map_location="cpu"):
+    """``torch.load(weights_only=True)`` with a one-line error naming the file when it is unreadable."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except Exception as err:  # truncated zip, foreign pickle, refused global: all mean "not ours"
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path}: not a loadable slimnet/PyTorch file ({first_line[:200]})") from None
+
+
+def save_pruned(model: nn.Module, path: str | os.PathLike, model_config: dict | None = None) -> None:
+    """Write ``model``'s weights with the plan it was cut by (and how to build it) to ``path``."""
+    plan = getattr(model, "slimnet_plan", None) or PrunePlan()
+    config = model_config if model_config is not None else getattr(model, "slimnet_config", None)
+    atomic_save(
+        {
+            "format": ARTIFACT_FORMAT,
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "plan": plan.to_json(),
+            "model_config": json.dumps(config) if config is not None else "",
+        },
+        path,
+    )
+
+
+def load_pruned(path: str | os.PathLike, model: nn.Module | None = None, map_location="cpu") -> nn.Module:
+    """Rebuild a pruned model from an artifact written by ``save_pruned``.
+
+    Args:
+        path: the artifact.
+        model: a freshly built *unpruned* model of the same architecture; needed when the artifact
+            carries no model config (a model not built by slimnet's registry).
+    """
+    data = safe_load(path, map_location=map_location)
+    if not isinstance(data, dict) or data.get("format") != ARTIFACT_FORMAT:
+        raise ValueError(f"{path}: not a slimnet pruned-model artifact (expected format {ARTIFACT_FORMAT})")
+    plan = PrunePlan.from_json(data["plan"])
+    if model is None:
+        if not data["model_config"]:
+            raise ValueError(f"{path}: this artifact has no model config; "
+                             "call load_pruned(path, model=<a freshly built unpruned model>)")
+        from slimnet.models.build import build_model  # the registry, not the training code
+
+        model = build_model(json.loads(data["model_config"]))
+    replay_plan(model, plan)
+    model.load_state_dict(data["state_dict"])
+    return model

@@ -1,0 +1,192 @@
+"""Lightning callbacks: the surgery at the prune epoch, and the γ / phase-time monitors."""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.utilities import rank_zero_only
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from slimnet.api import prune
+
+log = logging.getLogger(__name__)
+
+
+class SlimmingCallback(Callback):
+    """Cut the model for real at the start of epoch ``epoch``, then switch to fine-tuning.
+
+    At that epoch it ranks every BatchNorm channel by |γ| across the whole network, keeps those above
+    ``thresh`` (or prunes the weakest ``percent``), never fewer than ``min_channels`` per layer, and
+    removes the rest from the producing convs, the norms and every consumer. The optimizer and schedule
+    are then rebuilt for the fine-tune phase.
+
+    Args:
+        epoch: epoch at whose start surgery happens (the sparse phase is ``[0, epoch)``).
+        example_input: a tensor of the model's input shape (batch of one is enough).
+        thresh: absolute |γ| threshold; wins over ``percent`` when both are set.
+        percent: fraction of all BatchNorm channels to prune, ranked globally.
+        min_channels: channels every layer keeps at least.
+        round_to: keep channel counts a multiple of this, rounding up.
+        eval_after_cut: measure validation accuracy right after surgery, before any fine-tuning.
+        save_sparse: write the sparsity-trained model (before surgery) as ``sparse.ckpt`` beside the
+            checkpoints, so other thresholds can be tried without training again.
+
+    Example::
+
+        trainer = pl.Trainer(max_epochs=12, callbacks=[SlimmingCallback(epoch=8, example_input=x, thresh=0.1)])
+    """
+
+    def __init__(self, epoch: int, example_input: torch.Tensor, thresh: float | None = None,
+                 percent: float | None = None, min_channels: int = 1, round_to: int = 1,
+                 eval_after_cut: bool = True, save_sparse: bool = False):
+        if thresh is None and percent is None:
+            raise ValueError("SlimmingCallback needs thresh=… or percent=…")
+        if epoch < 0:
+            raise ValueError(f"prune epoch must be >= 0, got {epoch}")
+        self.epoch = epoch
+        self.example_input = example_input
+        self.thresh, self.percent = thresh, percent
+        self.min_channels, self.round_to = min_channels, round_to
+        self.eval_after_cut, self.save_sparse = eval_after_cut, save_sparse
+        self.done = False
+        self.report: dict | None = None
+
+    # -- hooks --------------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.epoch >= trainer.max_epochs:
+            raise ValueError(f"prune.epoch={self.epoch} is not before trainer.max_epochs={trainer.max_epochs}: "
+                             "the model would never be cut; lower prune.epoch or raise trainer.max_epochs")
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.done or trainer.current_epoch < self.epoch:
+            return
+        if self.save_sparse and trainer.is_global_zero:
+            self._save_sparse(trainer)
+        start = time.perf_counter()
+        self.report = self._cut(pl_module)
+        self.report["surgery_seconds"] = time.perf_counter() - start
+        pl_module.enter_finetune()
+        trainer.strategy.setup_optimizers(trainer)  # fresh optimizer + schedule over the fine-tune epochs
+        self._new_checkpoint_phase(trainer)
+        if self.eval_after_cut:
+            self.report["val_acc_after_cut"] = self._evaluate(trainer, pl_module)
+        self.done = True
+        self._log_report(trainer, pl_module)
+
+    def state_dict(self) -> dict:
+        return {"done": self.done, "report": self.report}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.done = state_dict.get("done", False)
+        self.report = state_dict.get("report")
+
+    # -- work ---------------------------------------------------------------------------------------
+    def _cut(self, pl_module) -> dict:
+        x = self.example_input.to(pl_module.device)
+        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            report = prune(pl_module.model, x, thresh=self.thresh, percent=self.percent,
+                           min_channels=self.min_channels, round_to=self.round_to)
+        for w in caught:  # re-issue through logging so they reach the run log, once each
+            log.warning(str(w.message))
+        report["warnings"] = [str(w.message) for w in caught]
+        report["policy"] = "thresh" if self.thresh is not None else "percent"
+        report.pop("plan")
+        return report
+
+    @torch.no_grad()
+    def _evaluate(self, trainer, pl_module) -> float | None:
+        datamodule = trainer.datamodule
+        if datamodule is None:
+            return None
+        was_training = pl_module.training
+        pl_module.eval()
+        correct = total = 0
+        for batch in datamodule.val_dataloader():
+            x, y = (t.to(pl_module.device) for t in batch)
+            correct += int((pl_module.model(x).argmax(1) == y).sum())
+            total += len(y)
+        pl_module.train(was_training)
+        return correct / max(total, 1)
+
+    @staticmethod
+    def _new_checkpoint_phase(trainer) -> None:
+        """A "best" checkpoint from before surgery describes another architecture: start a new ranking."""
+        for cb in trainer.checkpoint_callbacks:
+            if isinstance(cb, ModelCheckpoint) and cb.monitor is not None:
+                cb.best_k_models, cb.kth_best_model_path, cb.best_model_path = {}, "", ""
+                cb.best_model_score = cb.kth_value = None
+                if cb.filename is None or not str(cb.filename).startswith("finetune-"):
+                    cb.filename = "finetune-" + (cb.filename or "{epoch}-{step}")
+
+    @staticmethod
+    def _save_sparse(trainer) -> None:
+        cb = trainer.checkpoint_callback
+        if cb is not None and cb.dirpath:
+            trainer.save_checkpoint(f"{cb.dirpath}/sparse.ckpt", weights_only=False)
+
+    @rank_zero_only
+    def _log_report(self, trainer, pl_module) -> None:
+        r = self.report
+        flops_cut = 1 - r["flops_after"] / r["flops_before"]
+        log.info(
+            "surgery at epoch %d (%s, |γ| threshold %.4g): FLOPs %.1fM -> %.1fM (-%.1f%%), params %.3fM -> "
+            "%.3fM, val acc right after the cut %s", trainer.current_epoch, r["policy"], r["threshold"],
+            r["flops_before"] / 1e6, r["flops_after"] / 1e6, 100 * flops_cut, r["params_before"] / 1e6,
+            r["params_after"] / 1e6, f"{r['val_acc_after_cut']:.4f}" if r.get("val_acc_after_cut") is not None else "n/a")
+        metrics = {"model/flops": r["flops_after"], "model/params": r["params_after"],
+                   "model/kept_flops_fraction": r["flops_after"] / r["flops_before"]}
+        if r.get("val_acc_after_cut") is not None:
+            metrics["val/acc_after_cut"] = r["val_acc_after_cut"]
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+
+class GammaMonitor(Callback):
+    """Each epoch: a histogram of γ per BatchNorm layer, and the channel count of each, in TensorBoard."""
+
+    def __init__(self, histograms: bool = True):
+        self.histograms = histograms
+
+    @rank_zero_only
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from pytorch_lightning.loggers import TensorBoardLogger
+
+        for logger in trainer.loggers:
+            if not isinstance(logger, TensorBoardLogger):
+                continue
+            writer = logger.experiment
+            norms = [(n, m) for n, m in pl_module.model.named_modules()
+                     if isinstance(m, _BatchNorm) and m.weight is not None]
+            for name, m in norms:
+                if self.histograms:
+                    writer.add_histogram(f"gamma/{name}", m.weight.detach().abs().float().cpu(), trainer.current_epoch)
+                writer.add_scalar(f"channels/{name}", m.weight.numel(), trainer.current_epoch)
+            total = sum(m.weight.numel() for _, m in norms)
+            writer.add_scalar("channels/total", total, trainer.current_epoch)
+
+
+class PhaseTimer(Callback):
+    """Wall time of the sparse phase, the surgery and the fine-tune phase, for the run's report."""
+
+    def __init__(self):
+        self.seconds = {"sparse": 0.0, "finetune": 0.0}
+        self._epoch_start = None
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._epoch_start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self._epoch_start is not None:
+            self.seconds[getattr(pl_module, "phase", "sparse")] += time.perf_counter() - self._epoch_start
+
+    def state_dict(self) -> dict:
+        return {"seconds": dict(self.seconds)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.seconds.update(state_dict.get("seconds", {}))

@@ -1,0 +1,143 @@
+"""``SlimModule``: the LightningModule of a slimming run.
+
+It wraps a plain ``nn.Module`` (so surgery can swap that module's layers underneath it), trains it with
+cross-entropy, adds the γ-L1 subgradient right before each optimizer step, and builds a different
+optimizer and schedule for each phase: ``sparse`` (epochs ``[0, prune_epoch)``) and ``finetune``
+(the rest, after the ``SlimmingCallback`` has cut the model).
+
+The plan the model was cut by travels in every checkpoint; loading one replays the plan on a freshly
+built model before the weights load, so a pruned checkpoint restores without any extra step.
+"""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+import torchmetrics
+from torch import nn
+
+from slimnet.models.build import build_model
+from slimnet.plan import PrunePlan
+from slimnet.schedules import build_optimizer, build_schedule
+from slimnet.sparsity import add_l1_subgradient, bn_gammas, gamma_stats, init_gammas
+from slimnet.surgery import replay_plan
+
+SPARSE, FINETUNE = "sparse", "finetune"
+
+
+class SlimModule(pl.LightningModule):
+    """Sparsity training and fine-tuning of one classification model.
+
+    Args:
+        model_config: the registry call that builds the model (``name``, ``num_classes``,
+            ``in_channels`` and the model's own options); saved as a hyperparameter so
+            ``SlimModule.load_from_checkpoint(path)`` needs nothing else.
+        optim: optimizer and schedule of the sparse phase (``name``, ``lr``, ``weight_decay``,
+            ``momentum``, ``nesterov``, ``schedule``, ``milestones``, ``gamma``).
+        finetune: overrides of ``optim`` for the fine-tune phase (``lr``, ``schedule``, …).
+        sparsity: ``lam`` (λ of the sparse phase), ``finetune_lam`` (λ after surgery),
+            ``gamma_init`` (initial γ of every BatchNorm, or None to keep the model's own).
+        prune_epoch: the epoch the model is cut at, or None for a run without pruning.
+        model: an already built ``nn.Module`` to use instead of ``model_config`` (not saved in
+            checkpoints; pass it again to ``load_from_checkpoint``).
+    """
+
+    def __init__(self, model_config: dict, optim: dict, finetune: dict | None = None,
+                 sparsity: dict | None = None, prune_epoch: int | None = None, model: nn.Module | None = None):
+        super().__init__()
+        self.save_hyperparameters(ignore=["model"])
+        self.model = model if model is not None else build_model(model_config)
+        self.sparsity = {"lam": 0.0, "finetune_lam": 0.0, "gamma_init": None, **(sparsity or {})}
+        if self.sparsity["gamma_init"] is not None:
+            init_gammas(self.model, self.sparsity["gamma_init"])
+        self.phase = SPARSE
+        num_classes = model_config["num_classes"]
+        self.criterion = nn.CrossEntropyLoss()
+        metric = torchmetrics.classification.MulticlassAccuracy
+        self.train_acc = metric(num_classes=num_classes, average="micro")
+        self.val_acc = metric(num_classes=num_classes, average="micro")
+        self.test_acc = metric(num_classes=num_classes, average="micro")
+
+    # -- phases -------------------------------------------------------------------------------------
+    @property
+    def plan(self) -> PrunePlan | None:
+        return getattr(self.model, "slimnet_plan", None)
+
+    @property
+    def lam(self) -> float:
+        return self.sparsity["lam"] if self.phase == SPARSE else self.sparsity["finetune_lam"]
+
+    def enter_finetune(self) -> None:
+        """Called by the SlimmingCallback right after surgery: the next optimizers are fine-tune ones."""
+        self.phase = FINETUNE
+
+    def phase_epochs(self) -> int:
+        total = self.trainer.max_epochs
+        cut = self.hparams.prune_epoch
+        if cut is None:
+            return total
+        return cut if self.phase == SPARSE else total - cut
+
+    # -- steps --------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def _step(self, batch, stage: str, metric: torchmetrics.Metric) -> torch.Tensor:
+        x, y = batch
+        logits = self.model(x)  # (B, num_classes)
+        loss = self.criterion(logits, y)
+        metric(logits, y)
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=stage != "test", sync_dist=not on_step)
+        self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        loss = self._step(batch, "train", self.train_acc)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step} ({self.phase} "
+                "phase): lower optim.lr or sparsity.lam; the last good checkpoint is left as it was")
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val", self.val_acc)
+
+    def test_step(self, batch, batch_idx):
+        self._step(batch, "test", self.test_acc)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Lightning calls this after backward, after AMP unscaling and once per accumulated step,
+        # before gradient clipping: exactly where Liu et al.'s updateBN adds λ·sign(γ).
+        add_l1_subgradient(bn_gammas(self.model), self.lam)
+
+    def on_train_epoch_end(self) -> None:
+        stats = gamma_stats(self.model)
+        if stats:
+            self.log_dict({f"sparsity/{k}": v for k, v in stats.items()}, sync_dist=False)
+            self.log("sparsity/lam", self.lam)
+
+    # -- optimizers ---------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        cfg = dict(self.hparams.optim)
+        if self.phase == FINETUNE:
+            cfg.update({k: v for k, v in (self.hparams.finetune or {}).items() if v is not None})
+        schedule = cfg.pop("schedule", "constant")
+        sched_args = {k: cfg.pop(k) for k in ("milestones", "gamma", "pct_start") if k in cfg}
+        optimizer = build_optimizer(self.model.parameters(), **cfg)
+        steps_per_epoch = self.trainer.estimated_stepping_batches / max(self.trainer.max_epochs, 1)
+        total_steps = round(steps_per_epoch * self.phase_epochs())
+        scheduler = build_schedule(optimizer, schedule, total_steps, **sched_args)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        plan = self.plan
+        checkpoint["slimnet"] = {"phase": self.phase, "plan": plan.to_json() if plan is not None else ""}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Lightning calls this before load_state_dict: cut the fresh model to the saved widths first.
+        state = checkpoint.get("slimnet", {})
+        self.phase = state.get("phase", SPARSE)
+        if state.get("plan") and self.plan is None:
+            replay_plan(self.model, PrunePlan.from_json(state["plan"]))

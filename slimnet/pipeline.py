@@ -1,0 +1,132 @@
+"""``train(cfg)``: one slimming run from a composed config, the function behind ``python -m slimnet.train``.
+
+Validates the config, builds data, model, module and callbacks, fits (sparse phase, surgery, fine-tune),
+tests, and writes the run's report and pruned artifact into ``run_dir``. Returns the results dict, so
+tests call exactly what the command line calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.loggers import TensorBoardLogger
+
+from slimnet.api import layer_widths
+from slimnet.artifact import save_pruned
+from slimnet.callbacks import GammaMonitor, PhaseTimer, SlimmingCallback
+from slimnet.config import pruning_enabled, validate
+from slimnet.data import build_datamodule
+from slimnet.measure import count_flops
+from slimnet.module import SlimModule
+from slimnet.report import summary_table, write_json
+
+log = logging.getLogger(__name__)
+
+
+def _callbacks(cfg: DictConfig, run_dir: Path, example_input: torch.Tensor) -> list[pl.Callback]:
+    ckpt = cfg.callbacks.checkpoint
+    callbacks: list[pl.Callback] = [
+        PhaseTimer(),
+        ModelCheckpoint(dirpath=run_dir / "checkpoints", monitor=ckpt.monitor, mode=ckpt.mode,
+                        save_last=ckpt.save_last, save_top_k=1, filename="best-{epoch}"),
+    ]
+    if pruning_enabled(cfg):
+        p = cfg.prune
+        # thresh wins over percent: both may be set when a user adds +prune.thresh to the default config
+        callbacks.append(SlimmingCallback(
+            epoch=p.epoch, example_input=example_input, thresh=p.thresh,
+            percent=None if p.thresh is not None else p.percent, min_channels=p.min_channels,
+            round_to=p.round_to, eval_after_cut=p.eval_after_cut, save_sparse=True))
+    if cfg.logger.tensorboard:
+        callbacks += [GammaMonitor(histograms=cfg.callbacks.gamma_histograms),
+                      LearningRateMonitor(logging_interval="epoch")]
+    return callbacks
+
+
+def build_module(cfg: DictConfig, num_classes: int, in_channels: int) -> SlimModule:
+    model_config = {**OmegaConf.to_container(cfg.model, resolve=True),
+                    "num_classes": num_classes, "in_channels": in_channels}
+    return SlimModule(
+        model_config=model_config,
+        optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        finetune=OmegaConf.to_container(cfg.finetune, resolve=True),
+        sparsity=OmegaConf.to_container(cfg.sparsity, resolve=True),
+        prune_epoch=cfg.prune.epoch if pruning_enabled(cfg) else None,
+    )
+
+
+def train(cfg: DictConfig, run_dir: str | Path) -> dict:
+    """Run the pipeline described by ``cfg``; everything it writes goes under ``run_dir``."""
+    run_dir = Path(run_dir)
+    validate(cfg)
+    pl.seed_everything(cfg.seed, workers=True)
+    if cfg.prune.thresh is not None and cfg.prune.percent is not None and pruning_enabled(cfg):
+        log.info("prune.thresh=%s is set and wins over prune.percent=%s", cfg.prune.thresh, cfg.prune.percent)
+
+    data_args = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k != "name"}
+    datamodule = build_datamodule(cfg.data.name, **data_args)
+    datamodule.check()  # missing or corrupt data fails now, not after the first epoch
+    module = build_module(cfg, datamodule.num_classes, datamodule.in_channels)
+    example = datamodule.example_input(1)
+    flops_before, params_before = count_flops(module.model, example)
+    widths_before = layer_widths(module.model)
+
+    callbacks = _callbacks(cfg, run_dir, example)
+    loggers = [TensorBoardLogger(save_dir=str(run_dir), name="tb", version="", default_hp_metric=False)] \
+        if cfg.logger.tensorboard else []
+    trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_args["enable_progress_bar"] = cfg.callbacks.progress_bar
+    trainer = pl.Trainer(**trainer_args, callbacks=callbacks, logger=loggers or False, default_root_dir=str(run_dir))
+
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    fit_seconds = time.perf_counter() - start
+    val_acc = trainer.callback_metrics.get("val/acc")
+    test_acc = None
+    if cfg.test:
+        test_acc = trainer.test(module, datamodule=datamodule, verbose=False)[0]["test/acc"]
+
+    flops_after, params_after = count_flops(module.model, example)
+    widths_after = layer_widths(module.model)
+    slimming = next((cb for cb in callbacks if isinstance(cb, SlimmingCallback)), None)
+    cut = slimming.report if slimming is not None and slimming.report else {}
+    timer = next(cb for cb in callbacks if isinstance(cb, PhaseTimer))
+    results = {
+        "val_acc": float(val_acc) if val_acc is not None else None,
+        "test_acc": float(test_acc) if test_acc is not None else None,
+        "val_acc_after_cut": cut.get("val_acc_after_cut"),
+        "before": {"flops": flops_before, "params": params_before},
+        "after": {"flops": flops_after, "params": params_after},
+        "flops_reduction": 1 - flops_after / flops_before,
+        "params_reduction": 1 - params_after / params_before,
+        "threshold": cut.get("threshold") if cut.get("threshold") not in (None, -math.inf) else None,
+        "policy": cut.get("policy"),
+        "prune": OmegaConf.to_container(cfg.prune, resolve=True),
+        "channels": {n: [widths_before[n], w] for n, w in widths_after.items()},
+        "floored_layers": cut.get("floored", []),
+        "warnings": cut.get("warnings", []),
+        "seconds": {**timer.seconds, "surgery": cut.get("surgery_seconds", 0.0), "fit": fit_seconds},
+        "model_config": module.model.slimnet_config if hasattr(module.model, "slimnet_config") else None,
+        "artifact": None,
+    }
+    if cfg.save_artifact and trainer.is_global_zero:
+        artifact = run_dir / "pruned.pt"
+        save_pruned(module.model, artifact)
+        results["artifact"] = str(artifact)
+    if trainer.is_global_zero:
+        write_json(results, run_dir / "results.json")
+        for logger in loggers:
+            logger.log_hyperparams(
+                {"prune/thresh": results["threshold"] or 0.0, "prune/percent": cfg.prune.percent or 0.0,
+                 "sparsity/lam": cfg.sparsity.lam},
+                {"hp/test_acc": results["test_acc"] or 0.0, "hp/flops": flops_after,
+                 "hp/flops_reduction": results["flops_reduction"]})
+        log.info("results in %s\n%s", run_dir / "results.json", summary_table(results))
+    return results

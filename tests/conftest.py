@@ -1,0 +1,32 @@
+"""Shared fixtures: the real Hydra config, composed and shrunk for tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+@pytest.fixture
+def compose_cfg():
+    """``compose_cfg(*overrides)`` -> the same DictConfig ``python -m slimnet.train`` would get."""
+
+    def _compose(*overrides: str):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return compose(config_name="train", overrides=list(overrides))
+
+    yield _compose
+    GlobalHydra.instance().clear()
+
+
+# Overrides that turn any run into a seconds-long one on synthetic data.
+TINY = [
+    "experiment=smoke",
+    "callbacks.progress_bar=false",
+    "logger=none",
+]
