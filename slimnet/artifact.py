@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from slimnet._atomic import atomic_write
 from slimnet.plan import PrunePlan
 from slimnet.surgery import replay_plan
 
@@ -28,22 +27,8 @@ ARTIFACT_FORMAT = "slimnet-pruned/1"
 
 
 def atomic_save(obj, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename it into place.
-
-    A crash or a full disk mid-write leaves the previous file intact, never a half-written one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``torch.save`` that leaves the previous file intact if it fails (temporary file + rename)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def safe_load(path: str | os.PathLike, map_location="cpu"):

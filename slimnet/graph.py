@@ -512,12 +512,11 @@ class _Analysis:
 def _shapes(gm: fx.GraphModule, example_inputs: tuple) -> dict[str, torch.Size | None]:
     """Run the traced model once, recording each node's output shape.
 
-    Runs in train mode (the traced graph is the train-mode one, with auxiliary heads) but with every
-    norm's running statistics put back afterwards, so tracing never changes the model.
+    Runs in train mode (the traced graph is the train-mode one, with auxiliary heads), then puts every
+    buffer back (BatchNorm and InstanceNorm running statistics, counters), so tracing never changes
+    the model.
     """
-    norms = [m for m in gm.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
-    saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
-             for m in norms]
+    saved = {name: buf.clone() for name, buf in gm.named_buffers()}
     shapes: dict[str, torch.Size | None] = {}
     interp = fx.Interpreter(gm)
     original_run_node = interp.run_node
@@ -528,16 +527,14 @@ def _shapes(gm: fx.GraphModule, example_inputs: tuple) -> dict[str, torch.Size |
         return out
 
     interp.run_node = run_node
-    for m in norms:
-        m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
     try:
         with torch.no_grad():
             interp.run(*example_inputs)
     finally:
-        for m, (momentum, tracked) in zip(norms, saved):
-            m.momentum = momentum
-            if tracked is not None:
-                m.num_batches_tracked.copy_(tracked)
+        buffers = dict(gm.named_buffers())
+        with torch.no_grad():
+            for name, value in saved.items():
+                buffers[name].copy_(value)
     return shapes
 
 

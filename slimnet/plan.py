@@ -103,14 +103,20 @@ def all_gammas(graph: ChannelGraph, model: nn.Module) -> torch.Tensor:
 
 
 def threshold_for_percent(gammas: torch.Tensor, percent: float) -> float:
-    """The |γ| below which ``percent`` of all entries lie: the paper's global ranking.
+    """The |γ| at or below which at most ``percent`` of all entries lie: the paper's global ranking.
 
-    ``percent=0`` prunes nothing (the paper's ``sorted[int(n*p)]`` would still drop the smallest).
+    Channels are kept when |γ| > threshold. ``percent=0`` prunes nothing (the paper's
+    ``sorted[int(n*p)]`` would still drop the smallest), and ties never push the cut past ``percent``:
+    if the k-th and (k+1)-th smallest are equal, the threshold drops below the tie.
     """
     k = int(len(gammas) * percent)
     if k == 0 or len(gammas) == 0:
         return -math.inf
-    return float(torch.sort(gammas).values[k - 1])
+    ordered = torch.sort(gammas).values
+    if k < len(ordered) and ordered[k] == ordered[k - 1]:
+        below = ordered[ordered < ordered[k - 1]]
+        return float(below[-1]) if len(below) else -math.inf
+    return float(ordered[k - 1])
 
 
 def _keep_count(n_strong: int, size: int, min_channels: int, round_to: int) -> int:
@@ -137,6 +143,8 @@ def decide(
     if percent is not None and not (0 <= percent < 1):
         raise ValueError(f"prune percent must be in [0, 1), got {percent}")
     scores = group_scores(graph, model)
+    policy = {"thresh": thresh, "percent": None if thresh is not None else percent,
+              "min_channels": min_channels, "round_to": round_to}
     if thresh is None:
         thresh = threshold_for_percent(all_gammas(graph, model), percent)
     kept, floored = {}, []
@@ -158,9 +166,7 @@ def decide(
             warnings.warn(f"prune: threshold {thresh:.4g} is above every |γ| in the network: it removed "
                           "everything it could and every layer is at min_channels", stacklevel=2)
     plan = PrunePlan(
-        keep=_axis_indices(graph, kept), threshold=thresh,
-        policy={"thresh": thresh if percent is None else None, "percent": percent,
-                "min_channels": min_channels, "round_to": round_to},
+        keep=_axis_indices(graph, kept), threshold=thresh, policy=policy,
     )
     return PlanDecision(plan=plan, threshold=thresh, kept=kept, floored=floored)
 

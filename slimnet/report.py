@@ -4,19 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from pathlib import Path
+
+from slimnet._atomic import atomic_write
 
 
 def write_json(data: dict, path: str | os.PathLike) -> None:
-    """Write JSON atomically (temporary file + rename): a reader never sees half a report."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, default=float)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Write JSON atomically: a reader (a sweep report, say) never sees half a file."""
+    atomic_write(path, lambda f: f.write(json.dumps(data, indent=2, default=float) + "\n"), binary=False)
 
 
 def _fmt(value, scale: float = 1.0, digits: int = 2, suffix: str = "") -> str:
