@@ -61,6 +61,8 @@ class SlimmingCallback(Callback):
         if self.epoch >= trainer.max_epochs:
             raise ValueError(f"prune.epoch={self.epoch} is not before trainer.max_epochs={trainer.max_epochs}: "
                              "the model would never be cut; lower prune.epoch or raise trainer.max_epochs")
+        if self.done:  # resumed after surgery: keep naming this phase's checkpoints as such
+            self._new_checkpoint_phase(trainer, reset=False)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.done or trainer.current_epoch < self.epoch:
@@ -115,12 +117,14 @@ class SlimmingCallback(Callback):
         return correct / max(total, 1)
 
     @staticmethod
-    def _new_checkpoint_phase(trainer) -> None:
+    def _new_checkpoint_phase(trainer, reset: bool = True) -> None:
         """A "best" checkpoint from before surgery describes another architecture: start a new ranking."""
         for cb in trainer.checkpoint_callbacks:
             if isinstance(cb, ModelCheckpoint) and cb.monitor is not None:
-                cb.best_k_models, cb.kth_best_model_path, cb.best_model_path = {}, "", ""
-                cb.best_model_score = cb.kth_value = None
+                if reset:
+                    cb.best_k_models, cb.kth_best_model_path, cb.best_model_path = {}, "", ""
+                    cb.best_model_score = None
+                    cb.kth_value = torch.tensor(-torch.inf if cb.mode == "max" else torch.inf)
                 if cb.filename is None or not str(cb.filename).startswith("finetune-"):
                     cb.filename = "finetune-" + (cb.filename or "{epoch}-{step}")
 

@@ -11,6 +11,8 @@ built model before the weights load, so a pruned checkpoint restores without any
 
 from __future__ import annotations
 
+import random
+
 import pytorch_lightning as pl
 import torch
 import torchmetrics
@@ -133,7 +135,8 @@ class SlimModule(pl.LightningModule):
     # -- checkpoints --------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         plan = self.plan
-        checkpoint["slimnet"] = {"phase": self.phase, "plan": plan.to_json() if plan is not None else ""}
+        checkpoint["slimnet"] = {"phase": self.phase, "plan": plan.to_json() if plan is not None else "",
+                                 "rng": _rng_state()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Lightning calls this before load_state_dict: cut the fresh model to the saved widths first.
@@ -141,3 +144,21 @@ class SlimModule(pl.LightningModule):
         self.phase = state.get("phase", SPARSE)
         if state.get("plan") and self.plan is None:
             replay_plan(self.model, PrunePlan.from_json(state["plan"]))
+        if self._trainer is not None and state.get("rng"):
+            # Resuming a fit: continue the random streams (shuffling, augmentation) where the
+            # checkpoint left them, so a resumed run retraces an uninterrupted one on CPU.
+            _set_rng_state(state["rng"])
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(s if not isinstance(s, list) else tuple(s) for s in state["python"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])

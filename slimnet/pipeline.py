@@ -21,8 +21,10 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from slimnet.api import layer_widths
 from slimnet.artifact import save_pruned
 from slimnet.callbacks import GammaMonitor, PhaseTimer, SlimmingCallback
-from slimnet.config import pruning_enabled, validate
+from slimnet.checkpoint_io import SafeCheckpointIO
+from slimnet.config import ConfigError, pruning_enabled, validate
 from slimnet.data import build_datamodule
+from slimnet.graph import TraceError
 from slimnet.measure import count_flops
 from slimnet.module import SlimModule
 from slimnet.report import summary_table, write_json
@@ -35,8 +37,13 @@ def _callbacks(cfg: DictConfig, run_dir: Path, example_input: torch.Tensor) -> l
     callbacks: list[pl.Callback] = [
         PhaseTimer(),
         ModelCheckpoint(dirpath=run_dir / "checkpoints", monitor=ckpt.monitor, mode=ckpt.mode,
-                        save_last=ckpt.save_last, save_top_k=1, filename="best-{epoch}"),
+                        save_top_k=1, filename="best-{epoch}"),
     ]
+    if ckpt.save_last:
+        # Lightning 2.6's save_last writes last.ckpt only on epochs where a top-k checkpoint was saved;
+        # an unmonitored checkpoint named "last" is written every epoch, which is what resuming needs.
+        callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", monitor=None,
+                                         save_top_k=1, enable_version_counter=False))
     if pruning_enabled(cfg):
         p = cfg.prune
         # thresh wins over percent: both may be set when a user adds +prune.thresh to the default config
@@ -62,10 +69,52 @@ def build_module(cfg: DictConfig, num_classes: int, in_channels: int) -> SlimMod
     )
 
 
-def train(cfg: DictConfig, run_dir: str | Path) -> dict:
-    """Run the pipeline described by ``cfg``; everything it writes goes under ``run_dir``."""
+# Errors whose message already says what to do: the command line prints them as one line.
+USER_ERRORS = (ConfigError, FileNotFoundError, FloatingPointError, TraceError)
+
+
+def resumed_config(run_dir: str | Path) -> tuple[DictConfig, Path]:
+    """The config a run in ``run_dir`` was started with, set to resume from its ``last.ckpt``."""
+    run_dir = Path(run_dir)
+    saved = run_dir / ".hydra" / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"resume={run_dir}: no .hydra/config.yaml there; give the directory of a slimnet run")
+    cfg = OmegaConf.load(saved)
+    cfg.ckpt_path, cfg.resume = "last", None
+    return cfg, run_dir
+
+
+def _check_writable(run_dir: Path) -> None:
+    """Fail now, not at the first checkpoint an epoch later, if the run directory cannot be written."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"output directory {run_dir} is not writable ({err.strerror}); "
+                          "point hydra.run.dir at a writable folder") from None
+
+
+def _resolve_ckpt(cfg: DictConfig, run_dir: Path) -> str | None:
+    """``ckpt_path=last`` means this run directory's ``checkpoints/last.ckpt``."""
+    ckpt = cfg.ckpt_path
+    if ckpt == "last":
+        ckpt = str(run_dir / "checkpoints" / "last.ckpt")
+    if ckpt is not None and not Path(ckpt).is_file():
+        raise ConfigError(f"ckpt_path={ckpt} does not exist; give a Lightning checkpoint to resume from")
+    return ckpt
+
+
+def train(cfg: DictConfig, run_dir: str | Path, extra_callbacks: list[pl.Callback] = ()) -> dict:
+    """Run the pipeline described by ``cfg``; everything it writes goes under ``run_dir``.
+
+    ``extra_callbacks`` are appended to the run's own (tests use them to inject faults).
+    """
     run_dir = Path(run_dir)
     validate(cfg)
+    _check_writable(run_dir)
+    ckpt_path = _resolve_ckpt(cfg, run_dir)
     pl.seed_everything(cfg.seed, workers=True)
     if cfg.prune.thresh is not None and cfg.prune.percent is not None and pruning_enabled(cfg):
         log.info("prune.thresh=%s is set and wins over prune.percent=%s", cfg.prune.thresh, cfg.prune.percent)
@@ -78,15 +127,16 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     flops_before, params_before = count_flops(module.model, example)
     widths_before = layer_widths(module.model)
 
-    callbacks = _callbacks(cfg, run_dir, example)
+    callbacks = _callbacks(cfg, run_dir, example) + list(extra_callbacks)
     loggers = [TensorBoardLogger(save_dir=str(run_dir), name="tb", version="", default_hp_metric=False)] \
         if cfg.logger.tensorboard else []
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_args["enable_progress_bar"] = cfg.callbacks.progress_bar
-    trainer = pl.Trainer(**trainer_args, callbacks=callbacks, logger=loggers or False, default_root_dir=str(run_dir))
+    trainer = pl.Trainer(**trainer_args, callbacks=callbacks, logger=loggers or False, default_root_dir=str(run_dir),
+                         plugins=[SafeCheckpointIO()])
 
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     fit_seconds = time.perf_counter() - start
     val_acc = trainer.callback_metrics.get("val/acc")
     test_acc = None
