@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
@@ -33,8 +34,9 @@ class SlimmingCallback(Callback):
         min_channels: channels every layer keeps at least.
         round_to: keep channel counts a multiple of this, rounding up.
         eval_after_cut: measure validation accuracy right after surgery, before any fine-tuning.
-        save_sparse: write the sparsity-trained model (before surgery) as ``sparse.ckpt`` beside the
-            checkpoints, so other thresholds can be tried without training again.
+        save_sparse: write the sparsity-trained model (end of epoch ``epoch - 1``, before surgery) as
+            ``sparse.ckpt`` beside the checkpoints, so other thresholds can be tried without training again.
+        on_sparse_saved: called with that file's path once it is written (the sweep cache publishes it).
 
     Example::
 
@@ -43,7 +45,7 @@ class SlimmingCallback(Callback):
 
     def __init__(self, epoch: int, example_input: torch.Tensor, thresh: float | None = None,
                  percent: float | None = None, min_channels: int = 1, round_to: int = 1,
-                 eval_after_cut: bool = True, save_sparse: bool = False):
+                 eval_after_cut: bool = True, save_sparse: bool = False, on_sparse_saved=None):
         if thresh is None and percent is None:
             raise ValueError("SlimmingCallback needs thresh=… or percent=…")
         if epoch < 0:
@@ -53,6 +55,7 @@ class SlimmingCallback(Callback):
         self.thresh, self.percent = thresh, percent
         self.min_channels, self.round_to = min_channels, round_to
         self.eval_after_cut, self.save_sparse = eval_after_cut, save_sparse
+        self.on_sparse_saved = on_sparse_saved
         self.done = False
         self.report: dict | None = None
 
@@ -67,8 +70,6 @@ class SlimmingCallback(Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.done or trainer.current_epoch < self.epoch:
             return
-        if self.save_sparse and trainer.is_global_zero:
-            self._save_sparse(trainer)
         start = time.perf_counter()
         self.report = self._cut(pl_module)
         self.report["surgery_seconds"] = time.perf_counter() - start
@@ -79,6 +80,12 @@ class SlimmingCallback(Callback):
             self.report["val_acc_after_cut"] = self._evaluate(trainer, pl_module)
         self.done = True
         self._log_report(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.save_sparse and not self.done and trainer.current_epoch == self.epoch - 1:
+            path = self._save_sparse(trainer)
+            if path is not None and self.on_sparse_saved is not None and trainer.is_global_zero:
+                self.on_sparse_saved(path)
 
     def state_dict(self) -> dict:
         return {"done": self.done, "report": self.report}
@@ -129,10 +136,13 @@ class SlimmingCallback(Callback):
                     cb.filename = "finetune-" + (cb.filename or "{epoch}-{step}")
 
     @staticmethod
-    def _save_sparse(trainer) -> None:
+    def _save_sparse(trainer) -> Path | None:
         cb = trainer.checkpoint_callback
-        if cb is not None and cb.dirpath:
-            trainer.save_checkpoint(f"{cb.dirpath}/sparse.ckpt", weights_only=False)
+        if cb is None or not cb.dirpath:
+            return None
+        path = Path(cb.dirpath) / "sparse.ckpt"
+        trainer.save_checkpoint(path, weights_only=False)  # all ranks take part; rank 0 writes
+        return path
 
     @rank_zero_only
     def _log_report(self, trainer, pl_module) -> None:
@@ -176,10 +186,12 @@ class GammaMonitor(Callback):
 
 
 class PhaseTimer(Callback):
-    """Wall time of the sparse phase, the surgery and the fine-tune phase, for the run's report."""
+    """Wall time of the sparse and fine-tune phases (carried across resumes), and the epochs this
+    process itself trained in each (not carried: a job that reused a sparse phase trained none)."""
 
     def __init__(self):
         self.seconds = {"sparse": 0.0, "finetune": 0.0}
+        self.epochs_here = {"sparse": 0, "finetune": 0}
         self._epoch_start = None
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
@@ -187,7 +199,9 @@ class PhaseTimer(Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self._epoch_start is not None:
-            self.seconds[getattr(pl_module, "phase", "sparse")] += time.perf_counter() - self._epoch_start
+            phase = getattr(pl_module, "phase", "sparse")
+            self.seconds[phase] += time.perf_counter() - self._epoch_start
+            self.epochs_here[phase] += 1
 
     def state_dict(self) -> dict:
         return {"seconds": dict(self.seconds)}

@@ -28,11 +28,13 @@ from slimnet.graph import TraceError
 from slimnet.measure import count_flops
 from slimnet.module import SlimModule
 from slimnet.report import summary_table, write_json
+from slimnet.sparse_cache import SparseCache, sparse_key
 
 log = logging.getLogger(__name__)
 
 
-def _callbacks(cfg: DictConfig, run_dir: Path, example_input: torch.Tensor) -> list[pl.Callback]:
+def _callbacks(cfg: DictConfig, run_dir: Path, example_input: torch.Tensor,
+               cache: SparseCache | None = None) -> list[pl.Callback]:
     ckpt = cfg.callbacks.checkpoint
     callbacks: list[pl.Callback] = [
         PhaseTimer(),
@@ -50,7 +52,8 @@ def _callbacks(cfg: DictConfig, run_dir: Path, example_input: torch.Tensor) -> l
         callbacks.append(SlimmingCallback(
             epoch=p.epoch, example_input=example_input, thresh=p.thresh,
             percent=None if p.thresh is not None else p.percent, min_channels=p.min_channels,
-            round_to=p.round_to, eval_after_cut=p.eval_after_cut, save_sparse=True))
+            round_to=p.round_to, eval_after_cut=p.eval_after_cut, save_sparse=True,
+            on_sparse_saved=(lambda path: cache.publish(path, run_dir)) if cache is not None else None))
     if cfg.logger.tensorboard:
         callbacks += [GammaMonitor(histograms=cfg.callbacks.gamma_histograms),
                       LearningRateMonitor(logging_interval="epoch")]
@@ -71,6 +74,11 @@ def build_module(cfg: DictConfig, num_classes: int, in_channels: int) -> SlimMod
 
 # Errors whose message already says what to do: the command line prints them as one line.
 USER_ERRORS = (ConfigError, FileNotFoundError, FloatingPointError, TraceError)
+
+
+def record_failure(run_dir: str | Path, err: BaseException) -> None:
+    """A failed job's results.json, so a sweep report lists it as failed instead of losing it."""
+    write_json({"status": "failed", "error": f"{type(err).__name__}: {err}"}, Path(run_dir) / "results.json")
 
 
 def resumed_config(run_dir: str | Path) -> tuple[DictConfig, Path]:
@@ -94,6 +102,16 @@ def _check_writable(run_dir: Path) -> None:
     except OSError as err:
         raise ConfigError(f"output directory {run_dir} is not writable ({err.strerror}); "
                           "point hydra.run.dir at a writable folder") from None
+
+
+def _single_process(cfg: DictConfig) -> bool:
+    """Whether this run trains in one process (the sparse cache's lock is per process, not per rank)."""
+    devices, strategy = cfg.trainer.get("devices", "auto"), str(cfg.trainer.get("strategy", "auto"))
+    if "ddp" in strategy or "fsdp" in strategy or "deepspeed" in strategy:
+        return False
+    if devices == "auto":
+        return torch.cuda.device_count() <= 1
+    return devices == 1 or devices == [0] or devices == "1"
 
 
 def _resolve_ckpt(cfg: DictConfig, run_dir: Path) -> str | None:
@@ -124,10 +142,34 @@ def train(cfg: DictConfig, run_dir: str | Path, extra_callbacks: list[pl.Callbac
     datamodule.check()  # missing or corrupt data fails now, not after the first epoch
     module = build_module(cfg, datamodule.num_classes, datamodule.in_channels)
     example = datamodule.example_input(1)
+
+    # Jobs that differ only after the prune epoch share one sparse phase (see sparse_cache.py).
+    cache, reused = None, False
+    if (ckpt_path is None and pruning_enabled(cfg) and cfg.prune.epoch > 0 and cfg.prune.reuse_sparse
+            and _single_process(cfg)):
+        cache = SparseCache(cfg.prune.cache_dir, sparse_key(cfg))
+        hit = cache.lookup_or_lock()
+        if hit is not None:
+            ckpt_path, reused = str(hit), True
+            log.info("reusing the sparse phase trained by %s (%s)", cache.trained_by(), hit)
+    publisher = cache if cache is not None and not reused else None
+    try:
+        results = _fit_and_report(cfg, run_dir, datamodule, module, example, ckpt_path, extra_callbacks, publisher)
+    finally:
+        if publisher is not None:
+            publisher.release()  # if this job died before publishing, let the next one train the key
+    results["sparse_phase"] = {"reused": reused, "key": cache.key if cache is not None else None,
+                               "trained_by": cache.trained_by() if cache is not None else None}
+    if results.pop("is_global_zero"):
+        write_json(results, run_dir / "results.json")
+        log.info("results in %s\n%s", run_dir / "results.json", summary_table(results))
+    return results
+
+
+def _fit_and_report(cfg, run_dir, datamodule, module, example, ckpt_path, extra_callbacks, publisher) -> dict:
     flops_before, params_before = count_flops(module.model, example)
     widths_before = layer_widths(module.model)
-
-    callbacks = _callbacks(cfg, run_dir, example) + list(extra_callbacks)
+    callbacks = _callbacks(cfg, run_dir, example, publisher) + list(extra_callbacks)
     loggers = [TensorBoardLogger(save_dir=str(run_dir), name="tb", version="", default_hp_metric=False)] \
         if cfg.logger.tensorboard else []
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -149,6 +191,7 @@ def train(cfg: DictConfig, run_dir: str | Path, extra_callbacks: list[pl.Callbac
     cut = slimming.report if slimming is not None and slimming.report else {}
     timer = next(cb for cb in callbacks if isinstance(cb, PhaseTimer))
     results = {
+        "status": "ok",
         "val_acc": float(val_acc) if val_acc is not None else None,
         "test_acc": float(test_acc) if test_acc is not None else None,
         "val_acc_after_cut": cut.get("val_acc_after_cut"),
@@ -163,20 +206,20 @@ def train(cfg: DictConfig, run_dir: str | Path, extra_callbacks: list[pl.Callbac
         "floored_layers": cut.get("floored", []),
         "warnings": cut.get("warnings", []),
         "seconds": {**timer.seconds, "surgery": cut.get("surgery_seconds", 0.0), "fit": fit_seconds},
+        "epochs_trained_here": dict(timer.epochs_here),
         "model_config": module.model.slimnet_config if hasattr(module.model, "slimnet_config") else None,
         "artifact": None,
+        "is_global_zero": trainer.is_global_zero,
     }
     if cfg.save_artifact and trainer.is_global_zero:
         artifact = run_dir / "pruned.pt"
         save_pruned(module.model, artifact)
         results["artifact"] = str(artifact)
     if trainer.is_global_zero:
-        write_json(results, run_dir / "results.json")
         for logger in loggers:
             logger.log_hyperparams(
                 {"prune/thresh": results["threshold"] or 0.0, "prune/percent": cfg.prune.percent or 0.0,
                  "sparsity/lam": cfg.sparsity.lam},
                 {"hp/test_acc": results["test_acc"] or 0.0, "hp/flops": flops_after,
                  "hp/flops_reduction": results["flops_reduction"]})
-        log.info("results in %s\n%s", run_dir / "results.json", summary_table(results))
     return results

@@ -32,7 +32,7 @@ def test_cli_plus_thresh_prunes_and_artifact_reloads(tmp_path):
     """`python -m slimnet.train +prune.thresh=…` exactly as a user types it (the `+` included)."""
     run_dir = tmp_path / "run"
     proc = _run_cli("experiment=smoke", "+prune.thresh=0.3", f"hydra.run.dir={run_dir}",
-                    "callbacks.progress_bar=false", cwd=ROOT)
+                    "callbacks.progress_bar=false", f"prune.cache_dir={tmp_path / 'cache'}", cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
     assert results["policy"] == "thresh" and results["threshold"] == pytest.approx(0.3)

@@ -1,0 +1,316 @@
+"""Export a pruned model for deployment, then prove the exported file computes what PyTorch computes.
+
+    python -m slimnet.export outputs/2026-05-09/10-00-00                   # a run dir: its pruned.pt -> ONNX
+    python -m slimnet.export outputs/.../pruned.pt format=torchscript batch=32
+    python -m slimnet.export pruned.pt format=pt2 input_size=28 data=fashion_mnist
+    python -m slimnet.export --help
+
+Formats:
+
+- ``onnx``: ``torch.onnx.export(dynamo=True)`` (needs ``pip install slimnet[export]``), batch axis dynamic,
+  one self-contained ``.onnx`` file; checked by running it in onnxruntime.
+- ``torchscript``: ``torch.jit.trace`` + ``torch.jit.freeze``. torch 2.14 marks TorchScript deprecated
+  (a FutureWarning) but it still traces and runs, and libtorch C++ still loads it; prefer ``pt2``.
+- ``pt2``: ``torch.export`` saved with ``torch.export.save``, the format PyTorch is moving to.
+
+The check: the PyTorch outputs are computed *before* exporting, on a batch of real test images when the
+run's data is known (``results.json``'s ``data``, else the Hydra run's ``.hydra/config.yaml``), else on
+random normal inputs (said so in the report). It passes when ``max|y_export - y_torch| <= atol + rtol *
+max|y_torch|``; past that the command exits 1 with a one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+FORMATS = ("onnx", "torchscript", "pt2")
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "pt2": ".pt2"}
+# fp32 reorders sums differently in each runtime (and ONNX folds BatchNorm into the conv): diffs of
+# 1e-6..1e-5 on logits are normal; a real export bug shows as 1e-2 and up.
+DEFAULT_ATOL, DEFAULT_RTOL = 1e-4, 1e-4
+
+
+@dataclass
+class ExportReport:
+    """What ``export_and_check`` did: the file, the inputs it was checked on, and how close it came."""
+
+    path: str
+    format: str
+    inputs: str  # what the check ran on, e.g. "8 fashion_mnist test images"
+    max_abs_diff: float
+    tolerance: float  # atol + rtol * max|y_torch|
+    top1_agreement: float  # fraction of inputs whose arg-max class is the same
+    passed: bool
+    export_seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        verdict = "OK" if self.passed else "FAILED"
+        return (f"{self.format} check on {self.inputs}: max abs diff {self.max_abs_diff:.2e} "
+                f"(tolerance {self.tolerance:.2e}), top-1 agreement {100 * self.top1_agreement:.0f}%: {verdict}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Exporters: (model in eval mode, example batch, path) -> path. A name -> function dict.
+# --------------------------------------------------------------------------------------------------
+
+
+def _batch_dim():
+    return torch.export.Dim("batch")
+
+
+def export_onnx(model: nn.Module, example_input: torch.Tensor, path: Path, opset: int | None = None) -> Path:
+    """ONNX via the dynamo exporter (torch's default since 2.9), batch axis dynamic, weights inline."""
+    try:
+        import onnxscript  # noqa: F401  (torch.onnx's dynamo exporter is built on it)
+    except ImportError:
+        raise ImportError("ONNX export needs onnx and onnxscript: pip install 'slimnet[export]'") from None
+    program = torch.onnx.export(model, (example_input,), dynamo=True, opset_version=opset, verbose=False,
+                                dynamic_shapes=({0: _batch_dim()},))
+    program.save(str(path), external_data=False)  # one file to ship (models here are far below 2 GB)
+    return path
+
+
+def export_torchscript(model: nn.Module, example_input: torch.Tensor, path: Path, opset=None) -> Path:
+    """``torch.jit.trace`` + ``freeze`` (constants folded, BatchNorm folded into convs)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is deprecated.*", category=FutureWarning)
+        traced = torch.jit.freeze(torch.jit.trace(model, example_input))
+        torch.jit.save(traced, str(path))
+    return path
+
+
+def export_pt2(model: nn.Module, example_input: torch.Tensor, path: Path, opset=None) -> Path:
+    """``torch.export`` program, batch axis dynamic, saved with ``torch.export.save``."""
+    program = torch.export.export(model, (example_input,), dynamic_shapes=({0: _batch_dim()},))
+    torch.export.save(program, str(path))
+    return path
+
+
+EXPORTERS: dict[str, Callable[..., Path]] = {"onnx": export_onnx, "torchscript": export_torchscript,
+                                             "pt2": export_pt2}
+
+
+def onnx_session(path: str | Path, threads: int | None = None):
+    """An onnxruntime CPU session with ``threads`` intra-op threads (default: torch's thread count)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ImportError("running ONNX needs onnxruntime: pip install 'slimnet[export]'") from None
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # errors only
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def load_exported(path: str | Path, format: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function running the exported file on a batch, the way a deployment would load it."""
+    if format == "onnx":
+        session = onnx_session(path)
+        name = session.get_inputs()[0].name
+        return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+    if format == "torchscript":
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is deprecated.*", category=FutureWarning)
+            module = torch.jit.load(str(path), map_location="cpu")
+        return lambda x: module(x)
+    if format == "pt2":
+        module = torch.export.load(str(path)).module()
+        return lambda x: module(x)
+    raise ValueError(f"unknown format {format!r}; choose one of: {', '.join(FORMATS)}")
+
+
+def export_and_check(model: nn.Module, inputs: torch.Tensor, path: str | Path, format: str = "onnx", *,
+                     atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, opset: int | None = None,
+                     inputs_note: str = "") -> ExportReport:
+    """Export ``model`` (put in eval mode) to ``path`` and compare the file's outputs with PyTorch's.
+
+    The reference is computed before exporting, so an exporter that touched the model cannot hide it.
+    Returns the report whether or not the check passed (``report.passed``); the file is left in place.
+    """
+    if format not in EXPORTERS:
+        raise ValueError(f"unknown format {format!r}; choose one of: {', '.join(FORMATS)}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    with torch.inference_mode():
+        reference = model(inputs).float()  # (B, classes)
+    example = inputs[:2] if len(inputs) >= 2 else inputs.expand(2, *inputs.shape[1:])  # batch 1 specialises
+    start = time.perf_counter()
+    with torch.no_grad():
+        EXPORTERS[format](model, example, path, opset=opset)
+    seconds = time.perf_counter() - start
+    with torch.inference_mode():
+        exported = load_exported(path, format)(inputs).float()
+    diff = float((exported - reference).abs().max()) if exported.shape == reference.shape else float("inf")
+    tolerance = atol + rtol * float(reference.abs().max())
+    agree = float((exported.argmax(1) == reference.argmax(1)).float().mean()) if diff != float("inf") else 0.0
+    return ExportReport(path=str(path), format=format, inputs=inputs_note or f"{len(inputs)} inputs",
+                        max_abs_diff=diff, tolerance=tolerance, top1_agreement=agree,
+                        passed=diff <= tolerance, export_seconds=seconds)
+
+
+# --------------------------------------------------------------------------------------------------
+# From an artifact or run dir: find the input shape and real inputs
+# --------------------------------------------------------------------------------------------------
+
+
+def _run_facts(source: Path) -> tuple[Path, dict]:
+    """``(artifact, facts)``; facts may hold ``input_shape`` ([C, H, W]) and ``data`` (a data config)."""
+    artifact = source / "pruned.pt" if source.is_dir() else source
+    if not artifact.is_file():
+        hint = " (a run writes pruned.pt when save_artifact=true)" if source.is_dir() else ""
+        raise FileNotFoundError(f"{artifact}: no such file{hint}")
+    run_dir, facts = artifact.parent, {}
+    if (run_dir / "results.json").is_file():
+        results = json.loads((run_dir / "results.json").read_text())
+        facts.update({k: results[k] for k in ("input_shape", "data") if results.get(k)})
+    hydra_config = run_dir / ".hydra" / "config.yaml"
+    if "data" not in facts and hydra_config.is_file():
+        from omegaconf import OmegaConf
+
+        facts["data"] = OmegaConf.to_container(OmegaConf.load(hydra_config).data, resolve=True)
+    return artifact, facts
+
+
+def _parse_size(size: str | int) -> tuple[int, int]:
+    h, _, w = str(size).lower().partition("x")
+    return int(h), int(w or h)
+
+
+def _datamodule(data: dict):
+    from slimnet.data import build_datamodule
+
+    return build_datamodule(data["name"], **{k: v for k, v in data.items() if k != "name"})
+
+
+def check_inputs(facts: dict, model_config: dict | None, batch: int, input_size=None,
+                 data: str = "auto") -> tuple[torch.Tensor, str]:
+    """A batch to check an export on, and what it is: real test images where the data is known.
+
+    ``data``: ``auto`` (the run's data), ``random``, or a dataset registry name (its default config).
+    """
+    data_cfg = {"auto": facts.get("data"), "random": None}.get(data, {"name": data})
+    if data_cfg:
+        try:
+            dm = _datamodule(data_cfg)
+            dm.setup("test")
+            n = min(batch, len(dm.test_set))
+            images = torch.stack([dm.test_set[i][0] for i in range(n)])  # (B, C, H, W), normalised
+            return images, f"{n} {data_cfg['name']} test images"
+        except Exception as err:  # data not on this machine: say so and fall back
+            why = f"{data_cfg['name']} test set unavailable: {str(err).splitlines()[0][:120]}"
+    else:
+        why = "no dataset known; pass data=<name> for real images"
+    if input_size is not None:
+        channels = (model_config or {}).get("in_channels") or (facts.get("input_shape") or [None])[0]
+        if channels is None:
+            raise ValueError("input_size given but the channel count is unknown: the artifact has no "
+                             "model config. Hint: export from the run dir, whose results.json knows it")
+        shape = [int(channels), *_parse_size(input_size)]
+    elif facts.get("input_shape"):
+        shape = list(facts["input_shape"])
+    else:
+        raise ValueError("the input size is unknown (no results.json input_shape or run data beside the "
+                         "artifact). Hint: pass input_size=H or input_size=HxW, e.g. input_size=28")
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(batch, *shape, generator=gen), f"{batch} random normal inputs ({why})"
+
+
+def export_artifact(source: str | Path, format: str = "onnx", out: str | Path | None = None, batch: int = 8,
+                    opset: int | None = None, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
+                    input_size=None, data: str = "auto") -> ExportReport:
+    """What ``python -m slimnet.export`` does: load a pruned artifact (or a run dir's), export, check."""
+    from slimnet.artifact import load_pruned
+
+    if format not in EXPORTERS:
+        raise ValueError(f"unknown format {format!r}; choose one of: {', '.join(FORMATS)}")
+    artifact, facts = _run_facts(Path(source))
+    model = load_pruned(artifact).eval()  # built from the artifact's model config (else a clear error)
+    inputs, note = check_inputs(facts, getattr(model, "slimnet_config", None), batch, input_size, data)
+    stem = artifact.name.removesuffix(".pt")
+    path = Path(out) if out else artifact.with_name(stem + SUFFIXES[format])
+    return export_and_check(model, inputs, path, format, atol=atol, rtol=rtol, opset=opset, inputs_note=note)
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line: a path, then key=value flags (the same syntax as python -m slimnet.train overrides)
+# --------------------------------------------------------------------------------------------------
+
+# key -> (type, default, help)
+OPTIONS = {
+    "format": (str, "onnx", "onnx | torchscript | pt2 (torch.export; TorchScript is deprecated in torch 2.14)"),
+    "out": (str, None, "output file (default: beside the artifact, pruned.onnx / .torchscript.pt / .pt2)"),
+    "batch": (int, 8, "inputs in the numerical check"),
+    "opset": (int, None, "ONNX opset (default: torch's, 20 in torch 2.14)"),
+    "atol": (float, DEFAULT_ATOL, "absolute tolerance of the check"),
+    "rtol": (float, DEFAULT_RTOL, "relative tolerance, times max|PyTorch output|"),
+    "input_size": (str, None, "H or HxW, when the run does not record its input shape"),
+    "data": (str, "auto", "auto (the run's data) | random | a dataset name, e.g. fashion_mnist"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    keys = "\n".join(f"  {k}={'null' if d is None else d!s:<8} {h}" for k, (_, d, h) in OPTIONS.items())
+    parser = argparse.ArgumentParser(
+        prog="python -m slimnet.export", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Export a pruned model (a pruned.pt artifact, or a run dir holding one) and check the "
+                    "exported file against PyTorch on real test images (random inputs if the data is unknown).",
+        epilog=f"flags (key=value):\n{keys}\n\nexit status: 0 ok, 1 numerical check failed, 2 usage or "
+               "input error\nexample:\n  python -m slimnet.export outputs/2026-05-09/10-00-00 format=onnx")
+    parser.add_argument("source", help="pruned artifact (.pt) or a run directory containing pruned.pt")
+    parser.add_argument("flags", nargs="*", metavar="key=value", help="see the flags below")
+    return parser
+
+
+def parse_flags(parser: argparse.ArgumentParser, flags: list[str]) -> dict:
+    values = {k: d for k, (_, d, _) in OPTIONS.items()}
+    for flag in flags:
+        key, sep, raw = flag.lstrip("-").partition("=")
+        if not sep or key not in OPTIONS:
+            parser.error(f"unknown flag {flag!r}; use key=value with key one of: {', '.join(OPTIONS)}")
+        kind = OPTIONS[key][0]
+        try:
+            values[key] = None if raw.lower() in ("null", "none") else kind(raw)
+        except ValueError:
+            parser.error(f"{key}={raw!r}: expected a {kind.__name__}")
+    if values["format"] not in FORMATS:
+        parser.error(f"format={values['format']!r}; choose one of: {', '.join(FORMATS)}")
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    flags = parse_flags(parser, args.flags)
+    try:
+        report = export_artifact(args.source, **flags)
+    except (FileNotFoundError, ValueError, ImportError) as err:
+        print(f"slimnet.export: {err}", file=sys.stderr)
+        return 2
+    size_kb = Path(report.path).stat().st_size / 1024
+    print(f"exported {report.path} ({report.format}, {size_kb:.0f} KB) in {report.export_seconds:.1f} s")
+    print(report.summary())
+    if not report.passed:
+        print(f"slimnet.export: FAILED: {report.format} output differs from PyTorch by {report.max_abs_diff:.3g} "
+              f"> tolerance {report.tolerance:.3g} on {report.inputs}; do not deploy {report.path}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

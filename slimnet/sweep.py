@@ -1,0 +1,155 @@
+"""Sweep reports: one CSV row per job and the accuracy-versus-FLOPs picture.
+
+Each job of a multirun writes its own ``results.json`` (a failed job writes one with
+``"status": "failed"``), so the report only globs the sweep folder: it works the same after a joblib or
+SLURM sweep, when some jobs failed, or on demand (``python scripts/sweep_report.py <sweep_dir>``).
+``SweepReportCallback`` runs it automatically when a multirun ends.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ["job", "status", "overrides", "thresh", "percent", "target_flops", "threshold_used", "flops",
+           "flops_before", "flops_reduction", "params", "params_before", "val_acc", "val_acc_after_cut",
+           "test_acc", "speedup", "sparse_reused", "channels", "error"]
+
+
+def _job_dirs(sweep_dir: Path) -> list[Path]:
+    """Job folders: those Hydra wrote a config into (so a job that died before any result still shows)."""
+    dirs = {p.parent.parent for p in sweep_dir.glob("**/.hydra/config.yaml")}
+    dirs |= {p.parent for p in sweep_dir.glob("**/results.json")}
+    return sorted((d for d in dirs if d != sweep_dir), key=lambda d: (len(d.parts), _natural(d.name)))
+
+
+def _natural(name: str):
+    return (0, int(name)) if name.isdigit() else (1, name)
+
+
+def _overrides(job_dir: Path) -> str:
+    path = job_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return ""
+    lines = [ln[2:].strip() for ln in path.read_text().splitlines() if ln.startswith("- ")]
+    return " ".join(lines)
+
+
+def collect(sweep_dir: str | Path) -> list[dict]:
+    """One row per job found under ``sweep_dir``."""
+    sweep_dir = Path(sweep_dir)
+    rows = []
+    for job_dir in _job_dirs(sweep_dir):
+        row = {"job": str(job_dir.relative_to(sweep_dir)), "overrides": _overrides(job_dir)}
+        path = job_dir / "results.json"
+        if not path.is_file():
+            rows.append({**row, "status": "incomplete"})
+            continue
+        r = json.loads(path.read_text())
+        if r.get("status") == "failed":
+            rows.append({**row, "status": "failed", "error": r.get("error", "")})
+            continue
+        prune = r.get("prune", {})
+        speedup = (r.get("latency") or {}).get("speedup")
+        rows.append({
+            **row, "status": "ok", "thresh": prune.get("thresh"), "percent": prune.get("percent"),
+            "target_flops": prune.get("target_flops"), "threshold_used": r.get("threshold"),
+            "flops": r["after"]["flops"], "flops_before": r["before"]["flops"],
+            "flops_reduction": r["flops_reduction"], "params": r["after"]["params"],
+            "params_before": r["before"]["params"], "val_acc": r.get("val_acc"),
+            "val_acc_after_cut": r.get("val_acc_after_cut"), "test_acc": r.get("test_acc"), "speedup": speedup,
+            "sparse_reused": (r.get("sparse_phase") or {}).get("reused"),
+            "channels": json.dumps({k: v[1] for k, v in r.get("channels", {}).items()}),
+        })
+    return rows
+
+
+def write_csv(rows: list[dict], path: str | Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in COLUMNS})
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points no other point beats on both fewer FLOPs and higher accuracy, by increasing FLOPs."""
+    front, best = [], -1.0
+    for flops, acc in sorted(points, key=lambda p: (p[0], -p[1])):
+        if acc > best:
+            front.append((flops, acc))
+            best = acc
+    return front
+
+
+def _label(row: dict) -> str:
+    if row.get("flops_reduction") == 0:
+        return "unpruned"
+    if row.get("thresh") is not None:
+        return f"t={row['thresh']:g}"
+    if row.get("target_flops") is not None:
+        return f"F≤{row['target_flops']:g}"
+    if row.get("percent") is not None:
+        return f"p={row['percent']:g}"
+    return row["job"]
+
+
+def plot(rows: list[dict], path: str | Path, metric: str = "test_acc") -> None:
+    """Accuracy against FLOPs: every job labelled by its threshold, the unpruned reference, the Pareto front."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r["status"] == "ok" and r.get(metric) is not None]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    if ok:
+        pruned = [r for r in ok if r["flops_reduction"] > 0]
+        unpruned = [r for r in ok if r["flops_reduction"] == 0]
+        ax.scatter([r["flops"] / 1e6 for r in pruned], [100 * r[metric] for r in pruned], color="tab:blue",
+                   zorder=3, label="pruned runs")
+        if unpruned:
+            ax.scatter([r["flops"] / 1e6 for r in unpruned], [100 * r[metric] for r in unpruned], marker="*",
+                       s=160, color="tab:red", zorder=4, label="unpruned")
+        else:  # no unpruned job: still show where the original model stands
+            ax.axvline(ok[0]["flops_before"] / 1e6, color="tab:red", ls=":", label="unpruned FLOPs")
+        for r in ok:
+            ax.annotate(_label(r), (r["flops"] / 1e6, 100 * r[metric]), textcoords="offset points",
+                        xytext=(5, 5), fontsize=8)
+        front = pareto_front([(r["flops"] / 1e6, 100 * r[metric]) for r in ok])
+        ax.step([f for f, _ in front], [a for _, a in front], where="post", color="tab:green", alpha=0.7,
+                label="Pareto front")
+    failed = [r for r in rows if r["status"] != "ok"]
+    title = f"{metric.replace('_', ' ')} vs FLOPs ({len(ok)} runs" + (f", {len(failed)} failed)" if failed else ")")
+    ax.set(xlabel="FLOPs per image (M, 2×MACs)", ylabel=f"{metric.replace('_', ' ')} (%)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def report(sweep_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``sweep.csv`` and ``acc_vs_flops.png`` into ``sweep_dir``; return their paths."""
+    sweep_dir = Path(sweep_dir)
+    rows = collect(sweep_dir)
+    csv_path, png_path = sweep_dir / "sweep.csv", sweep_dir / "acc_vs_flops.png"
+    write_csv(rows, csv_path)
+    plot(rows, png_path)
+    log.info("sweep report: %s, %s (%d jobs, %d ok)", csv_path, png_path, len(rows),
+             sum(r["status"] == "ok" for r in rows))
+    return csv_path, png_path
+
+
+class SweepReportCallback(Callback):
+    """Hydra callback: write the sweep report when a multirun ends (configured in conf/hydra/default.yaml)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        report(config.hydra.sweep.dir)
