@@ -1,20 +1,25 @@
 """The plain-PyTorch entry points: ``prune`` a model in place and get a report back.
 
-No Lightning, no Hydra: ``graph`` finds the channel groups, ``plan`` decides from |γ|, ``surgery`` cuts.
+No Lightning, no Hydra: ``graph`` finds the channel groups, ``plan`` decides from |γ|, ``fold`` moves
+what the removed channels still emit into the remaining biases, ``surgery`` cuts.
+``zeroed.prune_zeroed`` runs the same steps with a plan read from zeroed filters instead of |γ|.
 """
 
 from __future__ import annotations
 
 import warnings
+from typing import Callable
 
+import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from slimnet._modes import preserved_modes
-from slimnet.graph import trace_channel_groups
+from slimnet.fold import InputStats, fold_removed_inputs
+from slimnet.graph import ChannelGraph, trace_channel_groups
 from slimnet.measure import count_flops
-from slimnet.plan import PrunePlan, decide, groups_summary
+from slimnet.plan import PlanDecision, PrunePlan, decide, groups_summary
 from slimnet.surgery import apply_plan
 
 
@@ -44,37 +49,100 @@ def prune(
     percent: float | None = None,
     min_channels: int = 1,
     round_to: int = 1,
+    fold_bias: bool = True,
     leaf_modules=(),
 ) -> dict:
     """Remove the channels whose BatchNorm |γ| is small, for real, in place.
 
     Args:
         model: any traceable ``nn.Module`` with BatchNorm layers.
-        example_inputs: a tensor (or tuple) of the shape the model takes; values are not used.
+        example_inputs: a tensor (or tuple) of the shape the model takes. With ``fold_bias`` its values
+            matter a little: the removed channels' outputs are averaged over it (a batch of real data
+            is best when γ is small but not zero; for γ = 0 any input gives the exact constant).
         thresh: keep channels with |γ| > thresh (absolute; wins over ``percent``).
         percent: prune this fraction of all BatchNorm channels, ranked globally by |γ| (Liu et al.).
         min_channels: no layer keeps fewer channels than this (the paper's code could empty a layer).
         round_to: keep channel counts a multiple of this, rounding up.
+        fold_bias: fold the (near-)constant output of removed channels, ``act(β)`` when γ → 0, into the
+            bias of the layers that read them (see ``slimnet.fold``), so accuracy right after the cut
+            is close to the sparse model's.
         leaf_modules: module classes kept as black boxes when tracing.
 
     Returns:
         a report: ``flops_before/after``, ``params_before/after``, ``threshold``, ``channels``
-        (module -> [before, after] for every layer that changed), ``groups`` and ``warnings``.
+        (module -> [before, after] for every layer that changed), ``groups``, ``warnings``, ``folded``
+        (layers that absorbed removed channels' constants) and ``plan``.
+
+    Raises:
+        ValueError: the model has no BatchNorm (nothing to slim), or the policy is invalid.
     """
     if not any(isinstance(m, _BatchNorm) for m in model.modules()):
-        raise ValueError(f"{type(model).__name__} has no BatchNorm layer: there is no γ to slim by. "
-                         "Network slimming needs BatchNorm after the convs you want to prune.")
-    flops_before, params_before = count_flops(model, example_inputs)
+        norms = sorted({type(m).__name__ for m in model.modules() if "Norm" in type(m).__name__})
+        raise ValueError(
+            f"nothing to slim: {type(model).__name__} has no BatchNorm layer, so there is no γ to rank "
+            f"channels by{' (it normalises with ' + ', '.join(norms) + ')' if norms else ''}. Network slimming "
+            "needs BatchNorm after the convs you want to prune. Hint: slimnet.prune_zeroed(model, x) turns "
+            "filters you zeroed yourself (e.g. with torch.nn.utils.prune) into a smaller model.")
+
+    def choose(graph: ChannelGraph, stats: InputStats) -> PlanDecision:
+        return decide(graph, model, thresh=thresh, percent=percent, min_channels=min_channels,
+                      round_to=round_to)
+
+    return run_surgery(model, example_inputs, choose, fold_bias=fold_bias, measure_inputs=fold_bias,
+                       leaf_modules=leaf_modules, caller="prune")
+
+
+def _batch_size(example_inputs) -> int:
+    first = example_inputs if isinstance(example_inputs, torch.Tensor) else example_inputs[0]
+    return first.shape[0] if isinstance(first, torch.Tensor) and first.dim() > 0 else 1
+
+
+@torch.no_grad()
+def _measure(model: nn.Module, example_inputs, record: bool) -> tuple[int, int, InputStats]:
+    """FLOPs and params (batch of one, as ``count_flops``) and, if ``record``, each layer's input
+    statistics in eval mode over the whole example batch (one forward when the batch has one sample)."""
+    stats = InputStats(model)
+    one = _batch_size(example_inputs) == 1
+    with stats.recording(enabled=record and one):
+        flops, params = count_flops(model, example_inputs)
+    if record and not one:
+        inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+        with stats.recording(), preserved_modes(model):
+            model.eval()
+            model(*inputs)
+    return flops, params, stats
+
+
+def run_surgery(
+    model: nn.Module,
+    example_inputs,
+    choose: Callable[[ChannelGraph, InputStats], PlanDecision],
+    *,
+    fold_bias: bool,
+    measure_inputs: bool,
+    leaf_modules=(),
+    caller: str = "prune",
+) -> dict:
+    """Measure, trace, let ``choose`` decide a plan, fold, cut, and report: the steps every entry shares.
+
+    ``measure_inputs``: record each layer's input statistics (needed by ``fold_bias`` and by choosers
+    that look at activations).
+    """
+    flops_before, params_before, stats = _measure(model, example_inputs, record=measure_inputs)
     widths_before = layer_widths(model)
     with preserved_modes(model):
         graph = trace_channel_groups(model, example_inputs, leaf_modules)
         for message in graph.warnings:
-            warnings.warn(f"prune: {message}; the channels it touches are kept whole", stacklevel=2)
-        decision = decide(graph, model, thresh=thresh, percent=percent, min_channels=min_channels,
-                          round_to=round_to)
-        apply_plan(model, decision.plan)
+            warnings.warn(f"{caller}: {message}", stacklevel=3)
+        decision = choose(graph, stats)
+        plan = decision.plan
+        folded = []
+        if fold_bias and plan:
+            result = fold_removed_inputs(model, graph, plan, stats)
+            plan.add_bias, folded = result.new_bias, result.folded
+        apply_plan(model, plan)
     previous = current_plan(model)
-    model.slimnet_plan = previous.then(decision.plan) if previous is not None else decision.plan
+    model.slimnet_plan = previous.then(plan) if previous is not None else plan
     flops_after, params_after = count_flops(model, example_inputs)
     widths_after = layer_widths(model)
     return {
@@ -83,9 +151,10 @@ def prune(
         "flops_after": flops_after,
         "params_before": params_before,
         "params_after": params_after,
-        "channels": {n: [widths_before[n], w] for n, w in widths_after.items() if w != widths_before[n]},
+        "channels": {n: [widths_before[n], w] for n, w in widths_after.items() if w != widths_before.get(n)},
         "groups": groups_summary(graph, decision.kept),
         "floored": decision.floored,
         "warnings": graph.warnings,
+        "folded": folded,
         "plan": model.slimnet_plan,
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 import warnings
 from pathlib import Path
@@ -14,6 +15,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from slimnet.api import prune
+from slimnet.budget import threshold_for_flops
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,8 @@ class SlimmingCallback(Callback):
         example_input: a tensor of the model's input shape (batch of one is enough).
         thresh: absolute |γ| threshold; wins over ``percent`` when both are set.
         percent: fraction of all BatchNorm channels to prune, ranked globally.
+        target_flops: keep at most this fraction of the FLOPs: the threshold is searched on the
+            sparse model (no training per probe); wins over ``percent``.
         min_channels: channels every layer keeps at least.
         round_to: keep channel counts a multiple of this, rounding up.
         eval_after_cut: measure validation accuracy right after surgery, before any fine-tuning.
@@ -44,15 +48,17 @@ class SlimmingCallback(Callback):
     """
 
     def __init__(self, epoch: int, example_input: torch.Tensor, thresh: float | None = None,
-                 percent: float | None = None, min_channels: int = 1, round_to: int = 1,
+                 percent: float | None = None, target_flops: float | None = None, min_channels: int = 1, round_to: int = 1,
                  eval_after_cut: bool = True, save_sparse: bool = False, on_sparse_saved=None):
-        if thresh is None and percent is None:
-            raise ValueError("SlimmingCallback needs thresh=… or percent=…")
+        if thresh is None and percent is None and target_flops is None:
+            raise ValueError("SlimmingCallback needs thresh=…, percent=… or target_flops=…")
+        if thresh is not None and target_flops is not None:
+            raise ValueError("give SlimmingCallback thresh or target_flops, not both")
         if epoch < 0:
             raise ValueError(f"prune epoch must be >= 0, got {epoch}")
         self.epoch = epoch
         self.example_input = example_input
-        self.thresh, self.percent = thresh, percent
+        self.thresh, self.percent, self.target_flops = thresh, percent, target_flops
         self.min_channels, self.round_to = min_channels, round_to
         self.eval_after_cut, self.save_sparse = eval_after_cut, save_sparse
         self.on_sparse_saved = on_sparse_saved
@@ -97,14 +103,19 @@ class SlimmingCallback(Callback):
     # -- work ---------------------------------------------------------------------------------------
     def _cut(self, pl_module) -> dict:
         x = self.example_input.to(pl_module.device)
+        policy = {"thresh": self.thresh} if self.thresh is not None else {"percent": self.percent}
         with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            report = prune(pl_module.model, x, thresh=self.thresh, percent=self.percent,
-                           min_channels=self.min_channels, round_to=self.round_to)
+            if self.target_flops is not None:
+                thresh, _ = threshold_for_flops(pl_module.model, x, self.target_flops,
+                                                min_channels=self.min_channels, round_to=self.round_to)
+                policy = {"thresh": thresh} if thresh > -math.inf else {"percent": 0.0}
+            report = prune(pl_module.model, x, min_channels=self.min_channels, round_to=self.round_to, **policy)
         for w in caught:  # re-issue through logging so they reach the run log, once each
             log.warning(str(w.message))
         report["warnings"] = [str(w.message) for w in caught]
-        report["policy"] = "thresh" if self.thresh is not None else "percent"
+        report["policy"] = ("thresh" if self.thresh is not None else
+                            "target_flops" if self.target_flops is not None else "percent")
         report.pop("plan")
         return report
 

@@ -42,7 +42,8 @@ def validate(cfg: DictConfig) -> None:
     if p.get("target_flops") is not None:
         if p.thresh is not None:
             raise ConfigError("prune.thresh and prune.target_flops are both set; keep one of them")
-        raise ConfigError("prune.target_flops is not supported yet; use prune.thresh or prune.percent")
+        if not _number(p.target_flops) or not 0 < p.target_flops <= 1:
+            raise ConfigError(f"prune.target_flops={p.target_flops} must be in (0, 1] (the fraction of FLOPs kept)")
     max_epochs = cfg.trainer.max_epochs
     if p.epoch is not None:
         if not isinstance(p.epoch, int) or p.epoch < 0:

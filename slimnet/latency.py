@@ -11,30 +11,34 @@ How, and why:
   ``torch.inference_mode()``, after ``warmup`` untimed calls (which also absorb ``torch.compile``'s
   compilation and onnxruntime's first-run allocations). Inputs are random normal: latency does not
   depend on the values.
-* ``compare_latency`` interleaves the two models call by call, in ABBA order (A B, B A, A B, ...), so
-  drift of a shared machine (another job starting, the CPU clocking down) hits both alike, and neither
-  always runs right after the other. Speed-up is median(A) / median(B); the spread of the per-round
-  ratios (A_i / B_i, p25..p75) says how far to trust it.
+* Several models are timed interleaved, call by call, in ABBA order (A B, B A, A B, ...), so drift of a
+  shared machine (another job starting, the CPU clocking down) hits all alike and none always runs right
+  after another. Speed-up is median(A) / median(B); the spread of the per-round ratios A_i / B_i
+  (p25..p75) says how far to trust it.
 * The thread count is fixed for the whole measurement (torch's current count unless ``threads`` is
-  given), used by all backends (onnxruntime gets it as intra-op threads), and recorded with the machine's
-  load average, so numbers from a busy machine can be recognised.
-* Backends: ``eager`` (plain PyTorch), ``compile`` (``torch.compile``, inductor, one static graph per
-  batch size; needs a C++ compiler on CPU), ``onnxruntime`` (the model exported with
-  ``slimnet.export.export_onnx``; needs ``slimnet[export]``). A backend that cannot run here is
-  reported under ``unavailable`` with the reason, never silently replaced by another.
+  given), used by every backend (onnxruntime gets it as intra-op threads), and recorded with the
+  machine's load average, so numbers from a busy machine can be recognised. On a machine shared with
+  other jobs, ``threads=1`` gives far steadier numbers: a second thread waits on a core that is busy.
+* Backends (``BACKENDS``): ``eager`` (plain PyTorch, NCHW), ``channels_last`` (eager on a copy of the
+  model in NHWC memory format, the input converted in each call), ``compile`` (``torch.compile``,
+  inductor, one static graph per batch size; needs a C++ compiler on CPU), ``onnxruntime`` (the model
+  exported by ``slimnet.export.export_onnx``; needs ``slimnet[export]``). A backend that cannot run here
+  is reported under ``unavailable`` with the reason, never silently replaced by another.
 
-Only models taking one tensor are supported.
+Only models taking one tensor are supported. Measuring ``compile`` resets torch.compile's caches
+(``torch._dynamo.reset()``), so other compiled models of the process recompile on their next call.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +47,9 @@ from torch import nn
 
 from slimnet._modes import preserved_modes
 
-BACKENDS = ("eager", "compile", "onnxruntime")
-# Seconds, not minutes, for a run's report: vgg_small at batch 16 takes ~10 ms a call on 2 cores.
+BACKENDS = ("eager", "channels_last", "compile", "onnxruntime")
+DEFAULT_BACKENDS = ("eager", "compile", "onnxruntime")
+# A run's report should cost seconds: vgg_small takes ~1 ms at batch 1 and ~10 ms at batch 16 on one core.
 DEFAULT_WARMUP, DEFAULT_REPEATS = 5, 30
 
 Call = Callable[[], Any]  # one forward on a bound input: what gets timed
@@ -57,6 +62,11 @@ Call = Callable[[], Any]  # one forward on a bound input: what gets timed
 
 def _eager(model: nn.Module, example: torch.Tensor, threads: int, workdir: Path):
     return lambda x: (lambda: model(x))
+
+
+def _channels_last(model: nn.Module, example: torch.Tensor, threads: int, workdir: Path):
+    nhwc = copy.deepcopy(model).to(memory_format=torch.channels_last)  # a copy: the caller's stays NCHW
+    return lambda x: (lambda: nhwc(x.contiguous(memory_format=torch.channels_last)))
 
 
 def _compile(model: nn.Module, example: torch.Tensor, threads: int, workdir: Path):
@@ -81,7 +91,8 @@ def _onnxruntime(model: nn.Module, example: torch.Tensor, threads: int, workdir:
     return bind
 
 
-_BACKEND_FNS = {"eager": _eager, "compile": _compile, "onnxruntime": _onnxruntime}
+_BACKEND_FNS = {"eager": _eager, "channels_last": _channels_last, "compile": _compile,
+                "onnxruntime": _onnxruntime}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -113,7 +124,7 @@ def _interleaved(calls: list[Call], warmup: int, repeats: int) -> list[list[floa
 
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0][:200] if text else ''}".rstrip(": ")
+    return f"{type(err).__name__}: {text.splitlines()[0][:200]}" if text else type(err).__name__
 
 
 @contextlib.contextmanager
@@ -134,8 +145,9 @@ def _setup(threads: int, warmup: int, repeats: int, batch_sizes) -> dict:
     except ImportError:
         ort_version = None
     return {"threads": threads, "warmup": warmup, "repeats": repeats, "batch_sizes": list(batch_sizes),
-            "torch": torch.__version__, "onnxruntime": ort_version, "cpu": platform.processor() or
-            platform.machine(), "cores": os.cpu_count(), "load_avg_1m_before": round(os.getloadavg()[0], 2)}
+            "order": "interleaved ABBA", "torch": torch.__version__, "onnxruntime": ort_version,
+            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "load_avg_1m_before": round(os.getloadavg()[0], 2)}
 
 
 def _time_models(models: list[nn.Module], example_input: torch.Tensor, batch_sizes, warmup: int, repeats: int,
@@ -144,8 +156,9 @@ def _time_models(models: list[nn.Module], example_input: torch.Tensor, batch_siz
     unknown = [b for b in backends if b not in _BACKEND_FNS]
     if unknown:
         raise ValueError(f"unknown backend(s) {unknown}; choose from: {', '.join(BACKENDS)}")
-    if repeats < 2 or warmup < 0:
-        raise ValueError(f"need repeats >= 2 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    if repeats < 2 or warmup < 0 or not batch_sizes:
+        raise ValueError(f"need repeats >= 2, warmup >= 0 and a batch size, got repeats={repeats}, "
+                         f"warmup={warmup}, batch_sizes={batch_sizes}")
     threads = threads or torch.get_num_threads()
     setup = _setup(threads, warmup, repeats, batch_sizes)
     example = example_input[:1]  # (1, C, H, W)
@@ -159,7 +172,10 @@ def _time_models(models: list[nn.Module], example_input: torch.Tensor, batch_siz
             stack.enter_context(preserved_modes(m))
             m.eval()
         if "compile" in backends:
-            torch._dynamo.reset()  # fresh caches: earlier models must not use up the recompile limit
+            torch._dynamo.reset()  # fresh caches, and room for a graph per model and batch size: past
+            # the recompile limit dynamo would silently run eager and we would time the wrong thing
+            limit = max(torch._dynamo.config.recompile_limit, 2 * len(models) * len(batch_sizes))
+            stack.enter_context(torch._dynamo.config.patch(recompile_limit=limit))
         for backend in backends:
             try:
                 binders = [_BACKEND_FNS[backend](m, example, threads, workdir) for m in models]
@@ -182,7 +198,7 @@ def _time_models(models: list[nn.Module], example_input: torch.Tensor, batch_siz
 
 
 def measure_latency(model: nn.Module, example_input: torch.Tensor, batch_sizes=(1, 16),
-                    warmup: int = DEFAULT_WARMUP, repeats: int = DEFAULT_REPEATS, backends=BACKENDS,
+                    warmup: int = DEFAULT_WARMUP, repeats: int = DEFAULT_REPEATS, backends=DEFAULT_BACKENDS,
                     threads: int | None = None) -> dict:
     """Latency of ``model`` per backend and batch size.
 
@@ -191,22 +207,37 @@ def measure_latency(model: nn.Module, example_input: torch.Tensor, batch_sizes=(
         example_input: a tensor shaped like the model's input, ``(N, C, H, W)``; only its shape is used.
         batch_sizes: batch 1 (latency) and a throughput batch by default.
         warmup, repeats: untimed and timed calls per backend and batch size.
-        backends: any of ``"eager"``, ``"compile"``, ``"onnxruntime"``.
+        backends: any of ``BACKENDS``: ``"eager"``, ``"channels_last"``, ``"compile"``, ``"onnxruntime"``.
         threads: intra-op threads for every backend (default: ``torch.get_num_threads()``).
 
     Returns:
-        ``{"setup": {threads, repeats, torch, load_avg_1m_before/after, ...},
+        plain JSON: ``{"setup": {threads, repeats, torch, load_avg_1m_before/after, ...},
         "rows": [{"backend", "batch", "median_ms", "p10_ms", "p25_ms", "p75_ms", "p90_ms", "min_ms", "n"}],
-        "unavailable": {backend: reason}}`` — plain JSON.
+        "unavailable": {backend: reason}}``.
     """
-    setup, times, unavailable = _time_models([model], example_input, batch_sizes, warmup, repeats, backends,
-                                             threads)
-    rows = [{"backend": backend, "batch": b, **_stats(t[0])} for (backend, b), t in times.items()]
+    result = interleaved_latency({"model": model}, example_input, batch_sizes, warmup, repeats, backends,
+                                 threads)
+    for row in result["rows"]:
+        del row["model"]
+    return result
+
+
+def interleaved_latency(models: Mapping[str, nn.Module], example_input: torch.Tensor, batch_sizes=(1, 16),
+                        warmup: int = DEFAULT_WARMUP, repeats: int = DEFAULT_REPEATS,
+                        backends=DEFAULT_BACKENDS, threads: int | None = None) -> dict:
+    """Latency of several models taking the same input, timed call by call in turn (ABC CBA ...).
+
+    Same arguments and result as ``measure_latency``, with a ``"model"`` name in each row.
+    """
+    setup, times, unavailable = _time_models(list(models.values()), example_input, batch_sizes, warmup,
+                                             repeats, backends, threads)
+    rows = [{"backend": backend, "batch": b, "model": name, **_stats(t)}
+            for (backend, b), per_model in times.items() for name, t in zip(models, per_model)]
     return {"setup": setup, "rows": rows, "unavailable": unavailable}
 
 
 def compare_latency(model_a: nn.Module, model_b: nn.Module, example_input: torch.Tensor, batch_sizes=(1, 16),
-                    warmup: int = DEFAULT_WARMUP, repeats: int = DEFAULT_REPEATS, backends=BACKENDS,
+                    warmup: int = DEFAULT_WARMUP, repeats: int = DEFAULT_REPEATS, backends=DEFAULT_BACKENDS,
                     threads: int | None = None, flops: tuple[int, int] | None = None) -> dict:
     """Time ``model_a`` and ``model_b`` interleaved (ABBA); speed-up of B over A = median(A) / median(B).
 
@@ -223,8 +254,7 @@ def compare_latency(model_a: nn.Module, model_b: nn.Module, example_input: torch
     rows = []
     for (backend, b), (ta, tb) in times.items():
         a, bstats = _stats(ta), _stats(tb)
-        ratios = sorted(x / y for x, y in zip(ta, tb))  # per round: same moment of the machine
-        q = statistics.quantiles(ratios, n=4, method="inclusive")
+        q = statistics.quantiles([x / y for x, y in zip(ta, tb)], n=4, method="inclusive")  # same rounds
         row = {"backend": backend, "batch": b, "a": a, "b": bstats,
                "speedup": a["median_ms"] / bstats["median_ms"], "speedup_p25": q[0], "speedup_p75": q[2]}
         if flops is not None:
@@ -235,9 +265,9 @@ def compare_latency(model_a: nn.Module, model_b: nn.Module, example_input: torch
 
 
 def speedup_columns(comparison: dict) -> dict[str, float]:
-    """Flat columns of a ``compare_latency`` result for a CSV or a metrics logger.
+    """Flat columns of a ``compare_latency`` result, for a CSV or a metrics logger.
 
-    ``{"speedup_eager_b16": 2.3, "efficiency_eager_b16": 0.92, "ms_a_eager_b16": ..., "ms_b_eager_b16": ...}``
+    ``{"speedup_eager_b16": 2.3, "efficiency_eager_b16": 0.92, "ms_a_eager_b16": 9.9, "ms_b_eager_b16": 4.3}``
     """
     columns = {}
     for row in comparison["rows"]:

@@ -48,10 +48,12 @@ def _callbacks(cfg: DictConfig, run_dir: Path, example_input: torch.Tensor,
                                          save_top_k=1, enable_version_counter=False))
     if pruning_enabled(cfg):
         p = cfg.prune
-        # thresh wins over percent: both may be set when a user adds +prune.thresh to the default config
+        # thresh (or target_flops) wins over percent: both may be set when a user adds +prune.thresh to
+        # the default config, whose percent is 0.7
+        explicit = p.thresh is not None or p.get("target_flops") is not None
         callbacks.append(SlimmingCallback(
-            epoch=p.epoch, example_input=example_input, thresh=p.thresh,
-            percent=None if p.thresh is not None else p.percent, min_channels=p.min_channels,
+            epoch=p.epoch, example_input=example_input, thresh=p.thresh, target_flops=p.get("target_flops"),
+            percent=None if explicit else p.percent, min_channels=p.min_channels,
             round_to=p.round_to, eval_after_cut=p.eval_after_cut, save_sparse=True,
             on_sparse_saved=(lambda path: cache.publish(path, run_dir)) if cache is not None else None))
     if cfg.logger.tensorboard:
@@ -134,8 +136,9 @@ def train(cfg: DictConfig, run_dir: str | Path, extra_callbacks: list[pl.Callbac
     _check_writable(run_dir)
     ckpt_path = _resolve_ckpt(cfg, run_dir)
     pl.seed_everything(cfg.seed, workers=True)
-    if cfg.prune.thresh is not None and cfg.prune.percent is not None and pruning_enabled(cfg):
-        log.info("prune.thresh=%s is set and wins over prune.percent=%s", cfg.prune.thresh, cfg.prune.percent)
+    for key in ("thresh", "target_flops"):
+        if cfg.prune.get(key) is not None and cfg.prune.percent is not None and pruning_enabled(cfg):
+            log.info("prune.%s=%s is set and wins over prune.percent=%s", key, cfg.prune[key], cfg.prune.percent)
 
     data_args = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k != "name"}
     datamodule = build_datamodule(cfg.data.name, **data_args)

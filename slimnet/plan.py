@@ -28,17 +28,23 @@ PLAN_FORMAT = "slimnet-plan/1"
 
 @dataclass
 class PrunePlan:
-    """Kept indices per module axis (``"out"``, ``"in"``, ``"bn"``, ``"dw"``), original numbering."""
+    """Kept indices per module axis (``"out"``, ``"in"``, ``"bn"``, ``"dw"``), original numbering.
+
+    ``add_bias``: layers that had no bias and were given one (β folding), so that a replay on a fresh
+    model has the same parameters as the pruned one.
+    """
 
     keep: dict[str, dict[str, list[int]]] = field(default_factory=dict)
     threshold: float | None = None
     policy: dict = field(default_factory=dict)
+    add_bias: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.keep)
 
     def to_dict(self) -> dict:
-        return {"format": PLAN_FORMAT, "threshold": self.threshold, "policy": self.policy, "keep": self.keep}
+        return {"format": PLAN_FORMAT, "threshold": self.threshold, "policy": self.policy, "keep": self.keep,
+                "add_bias": self.add_bias}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
@@ -48,7 +54,8 @@ class PrunePlan:
         if data.get("format") != PLAN_FORMAT:
             raise ValueError(f"not a slimnet plan (format {data.get('format')!r}, expected {PLAN_FORMAT!r})")
         keep = {m: {k: [int(i) for i in idx] for k, idx in axes.items()} for m, axes in data["keep"].items()}
-        return cls(keep=keep, threshold=data.get("threshold"), policy=data.get("policy", {}))
+        return cls(keep=keep, threshold=data.get("threshold"), policy=data.get("policy", {}),
+                   add_bias=list(data.get("add_bias", [])))
 
     @classmethod
     def from_json(cls, text: str) -> PrunePlan:
@@ -61,7 +68,8 @@ class PrunePlan:
             for kind, idx in axes.items():
                 before = keep.get(module, {}).get(kind)
                 keep.setdefault(module, {})[kind] = [before[i] for i in idx] if before is not None else idx
-        return PrunePlan(keep=keep, threshold=later.threshold, policy=later.policy)
+        add_bias = list(dict.fromkeys(self.add_bias + later.add_bias))
+        return PrunePlan(keep=keep, threshold=later.threshold, policy=later.policy, add_bias=add_bias)
 
 
 @dataclass
@@ -69,7 +77,7 @@ class PlanDecision:
     """What the policy decided, for reports: threshold used and per-group kept channels."""
 
     plan: PrunePlan
-    threshold: float
+    threshold: float | None
     kept: dict[int, torch.Tensor]  # group id -> kept channel indices (sorted)
     floored: list[str] = field(default_factory=list)  # groups that hit min_channels
 
@@ -119,11 +127,23 @@ def threshold_for_percent(gammas: torch.Tensor, percent: float) -> float:
     return float(ordered[k - 1])
 
 
-def _keep_count(n_strong: int, size: int, min_channels: int, round_to: int) -> int:
+def _keep_count(n_strong: int, size: int, min_channels: int, round_to: int, blocks: int = 1) -> int:
+    """Channels to keep: at least the strong ones, ``min_channels`` and one, rounded *up* to a multiple of
+    ``round_to`` and to equal counts in each of ``blocks`` blocks (never prunes more than asked)."""
     keep = max(n_strong, min(min_channels, size), 1)
-    if round_to > 1:
-        keep = min(size, math.ceil(keep / round_to) * round_to)  # round up: never prune more than asked
+    step = math.lcm(round_to, blocks) if round_to > 1 else blocks
+    if step > 1:
+        keep = min(size, math.ceil(keep / step) * step)
     return keep
+
+
+def _strongest(score: torch.Tensor, n_keep: int, blocks: int) -> torch.Tensor:
+    """Indices of the ``n_keep`` highest scores (``n_keep / blocks`` per block), in original order."""
+    if blocks == 1:
+        return torch.sort(torch.topk(score, n_keep, sorted=False).indices).values
+    per_block = score.view(blocks, -1)
+    local = torch.topk(per_block, n_keep // blocks, dim=1, sorted=False).indices
+    return torch.sort((local + torch.arange(blocks)[:, None] * per_block.shape[1]).flatten()).values
 
 
 def decide(
@@ -149,13 +169,16 @@ def decide(
         thresh = threshold_for_percent(all_gammas(graph, model), percent)
     kept, floored = {}, []
     for gid, score in scores.items():
-        n_strong = int((score > thresh).sum())
-        n_keep = _keep_count(n_strong, len(score), min_channels, round_to)
-        if n_keep > n_strong and n_strong < min(min_channels, len(score)):
+        blocks = graph.groups[gid].blocks
+        strong = score > thresh
+        n_strong = int(strong.sum())
+        # equal blocks (a grouped conv's groups) keep as many as the block with the most strong channels
+        n_need = n_strong if blocks == 1 else int(strong.view(blocks, -1).sum(1).max()) * blocks
+        n_keep = _keep_count(n_need, len(score), min_channels, round_to, blocks)
+        if n_keep > n_need and n_strong < min(min_channels, len(score)):
             floored.append(graph.groups[gid].describe())
         if n_keep < len(score):
-            # the strongest n_keep channels, in their original order
-            kept[gid] = torch.sort(torch.topk(score, n_keep, sorted=False).indices).values
+            kept[gid] = _strongest(score, n_keep, blocks)  # the strongest n_keep, in original order
     if floored:
         warnings.warn(
             f"prune: {len(floored)} layer group(s) had fewer than min_channels={min_channels} channels "
@@ -165,10 +188,14 @@ def decide(
         if len(floored) == len(scores):
             warnings.warn(f"prune: threshold {thresh:.4g} is above every |γ| in the network: it removed "
                           "everything it could and every layer is at min_channels", stacklevel=2)
-    plan = PrunePlan(
-        keep=_axis_indices(graph, kept), threshold=thresh, policy=policy,
-    )
+    plan = plan_for(graph, kept, threshold=thresh, policy=policy)
     return PlanDecision(plan=plan, threshold=thresh, kept=kept, floored=floored)
+
+
+def plan_for(graph: ChannelGraph, kept: dict[int, torch.Tensor], *, threshold: float | None = None,
+             policy: dict | None = None) -> PrunePlan:
+    """The plan that keeps ``kept[group id]`` (sorted channel indices) of each group, all of the others."""
+    return PrunePlan(keep=_axis_indices(graph, kept), threshold=threshold, policy=policy or {})
 
 
 def _axis_indices(graph: ChannelGraph, kept: dict[int, torch.Tensor]) -> dict[str, dict[str, list[int]]]:
@@ -203,4 +230,4 @@ def groups_summary(graph: ChannelGraph, kept: dict[int, torch.Tensor]) -> list[d
     return rows
 
 
-__all__ = ["PrunePlan", "PlanDecision", "decide", "group_scores", "threshold_for_percent", "ChannelGroup"]
+__all__ = ["PrunePlan", "PlanDecision", "decide", "plan_for", "group_scores", "threshold_for_percent", "ChannelGroup"]

@@ -5,6 +5,13 @@ Each module axis in the plan is cut with ``index_select``; the module's size att
 module still describes its weights. Parameters are replaced by new ``nn.Parameter`` objects that keep
 ``requires_grad``; callers that hold an optimizer must rebuild it (``SlimModule`` does).
 
+A grouped conv keeps its ``groups``: every conv-group keeps the same number of inputs (and of outputs),
+so its weight ``(out, in/G, k, k)`` is cut block by block: output rows with ``index_select``, and in the
+rows of conv-group ``g`` the columns of the inputs that group ``g`` keeps.
+
+The plan may also name layers that received a bias when β folding had nowhere else to put a constant
+(``add_bias``): replaying it creates a zero bias there first, so the pruned ``state_dict`` loads.
+
 Knows nothing of Lightning or Hydra.
 """
 
@@ -29,13 +36,35 @@ def _slice_param(module: nn.Module, name: str, index: torch.Tensor, dim: int) ->
         setattr(module, name, data)
 
 
+def _per_block(index: torch.Tensor, size: int, groups: int, what: str) -> torch.Tensor:
+    """Kept indices into an axis of ``groups`` equal blocks, as ``(groups, k)`` offsets within each block."""
+    block = size // groups
+    which = index // block
+    counts = torch.bincount(which, minlength=groups)
+    if len(index) % groups or not bool((counts == len(index) // groups).all()) or not bool(
+            (index[1:] > index[:-1]).all()):
+        raise ValueError(f"cannot cut the {what} of a conv with groups={groups}: every conv-group must keep "
+                         f"the same number of channels, in order (kept per group: {counts.tolist()})")
+    return (index - which * block).view(groups, -1)
+
+
 def _cut_conv(m: _ConvNd, kind: str, index: torch.Tensor) -> None:
     if kind == "out":
+        if m.groups > 1:
+            _per_block(index, m.out_channels, m.groups, "outputs")  # validation only: rows stay in order
         _slice_param(m, "weight", index, 0)
         _slice_param(m, "bias", index, 0)
         m.out_channels = len(index)
-    elif kind == "in":
+    elif kind == "in" and m.groups == 1:
         _slice_param(m, "weight", index, 1)
+        m.in_channels = len(index)
+    elif kind == "in":  # grouped: the rows of conv-group g keep the columns of g's kept inputs
+        local = _per_block(index, m.in_channels, m.groups, "inputs").to(m.weight.device)  # (G, k)
+        w = m.weight.data
+        rows = w.view(m.groups, w.shape[0] // m.groups, *w.shape[1:])  # (G, out/G, in/G, *kernel)
+        pick = local.view(m.groups, 1, -1, *([1] * (w.dim() - 2))).expand(-1, rows.shape[1], -1, *w.shape[2:])
+        data = rows.gather(2, pick).reshape(w.shape[0], local.shape[1], *w.shape[2:])
+        m.weight = nn.Parameter(data, requires_grad=m.weight.requires_grad)
         m.in_channels = len(index)
     elif kind == "dw":  # depthwise: filter c reads channel c only
         _slice_param(m, "weight", index, 0)
@@ -75,13 +104,23 @@ def _cutter(module: nn.Module):
     raise TypeError(f"slimnet cannot cut a {type(module).__name__}")
 
 
+def add_zero_bias(module: nn.Module) -> None:
+    """Give a bias-less conv or linear a zero bias (same dtype, device and ``requires_grad`` as its weight)."""
+    if getattr(module, "bias", None) is None:
+        w = module.weight
+        module.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device),
+                                   requires_grad=w.requires_grad)
+
+
 def apply_plan(model: nn.Module, plan: PrunePlan) -> None:
     """Cut ``model`` in place to the widths ``plan`` keeps, counted in the model's current channels."""
     modules = dict(model.named_modules())
-    missing = [name for name in plan.keep if name not in modules]
+    missing = [name for name in [*plan.keep, *plan.add_bias] if name not in modules]
     if missing:
         raise ValueError(f"plan names modules this model does not have: {missing[:5]}; "
                          "was the plan made for another architecture or config?")
+    for name in plan.add_bias:
+        add_zero_bias(modules[name])
     for name, axes in plan.keep.items():
         module, cut = modules[name], _cutter(modules[name])
         for kind, idx in axes.items():

@@ -238,13 +238,70 @@ class GroupedNet(nn.Module):
         return self.fc(self.c(self.b(self.a(x))).mean((2, 3)))
 
 
-def test_grouped_conv_freezes_its_in_and_out_groups():
-    """Cutting one group of a groups=2 conv would need a matching cut in the other: not modelled."""
+def test_grouped_conv_couples_blocks_of_its_in_and_out_groups():
+    """A groups=2 conv: its input and output channels each split into 2 blocks that must keep equal
+    counts (conv-group g reads input block g only); the groups themselves stay separate and prunable."""
     graph = trace_channel_groups(GroupedNet(), X)
-    for group in (graph.group_of("a.0", "out"), graph.group_of("b.1", "bn")):
+    assert graph.warnings == []
+    before, after = graph.group_of("a.0", "out"), graph.group_of("b.1", "bn")
+    assert before is not after
+    assert _facts(before) == (8, ["a.0"], ["a.1"], ["b.0"]) and before.blocks == 2 and before.prunable
+    assert _facts(after) == (8, ["b.0"], ["b.1"], ["c.0"]) and after.blocks == 2 and after.prunable
+    assert graph.group_of("c.0", "out").blocks == 1
+
+
+class MisalignedGroupedNet(nn.Module):
+    """A groups=2 conv reading cat(6 channels, 2 channels): its blocks of 4 straddle the two layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.a2 = _cbr(3, 6), _cbr(3, 2)
+        self.b, self.c = _cbr(8, 8, groups=2), _cbr(8, 8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.cat([self.a(x), self.a2(x)], 1)
+        return self.fc(self.c(self.b(x)).mean((2, 3)))
+
+
+def test_grouped_conv_on_misaligned_parts_freezes_them():
+    """Cutting one group of a groups=2 conv would need a matching cut in the other: when its blocks do
+    not line up with the layers feeding it, the channels it reads are left whole."""
+    graph = trace_channel_groups(MisalignedGroupedNet(), X)
+    for group in (graph.group_of("a.0", "out"), graph.group_of("a2.0", "out")):
         assert not group.prunable
         assert any("grouped conv 'b.0' (groups=2)" in r for r in group.frozen_by)
+    assert graph.group_of("b.0", "out").prunable and graph.group_of("b.0", "out").blocks == 2
     assert graph.group_of("c.0", "out").prunable
+
+
+@pytest.mark.parametrize("mode", ["thresh", "exact"])
+def test_grouped_conv_is_cut_evenly_and_stays_grouped(mode):
+    torch.manual_seed(0)
+    model = GroupedNet().eval()
+    with torch.no_grad():
+        for bn in (model.a[1], model.b[1]):
+            bn.running_mean.normal_()
+            bn.bias.normal_()
+        # a.1: block 0 has 3 strong channels, block 1 has 1; b.1: 1 and 2
+        model.a[1].weight.copy_(torch.tensor([0.9, 0.8, 0.0, 0.7, 0.0, 0.0, 0.6, 0.0]))
+        model.b[1].weight.copy_(torch.tensor([0.0, 0.0, 0.5, 0.0, 0.9, 0.0, 0.8, 0.0]))
+        if mode == "exact":  # dead channels: zero γ and β
+            for bn in (model.a[1], model.b[1]):
+                bn.bias[bn.weight == 0] = 0
+        ref = model(X)
+    prune(model, X, thresh=0.1)
+    b = model.b[0]
+    # each conv-group keeps as many as its block with the most strong channels: 3 and 2 per group
+    assert (b.groups, b.in_channels, b.out_channels) == (2, 6, 4)
+    assert b.weight.shape == (4, 3, 3, 3)
+    assert model.a[0].out_channels == 6 and model.c[0].in_channels == 4
+    gammas = model.a[1].weight.tolist()  # the strongest 3 per block, in order (ties among the zeros)
+    assert gammas[:3] == pytest.approx([0.9, 0.8, 0.7]) and sorted(gammas[3:]) == pytest.approx([0, 0, 0.6])
+    with torch.no_grad():
+        out = model(X)
+    if mode == "exact":
+        torch.testing.assert_close(out, ref)
 
 
 # --------------------------------------------------------------------------- untraceable forwards

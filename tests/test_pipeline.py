@@ -94,11 +94,12 @@ def test_unpruned_baseline_keeps_every_channel(compose_cfg, tmp_path):
         ("prune.epoch=-1", "prune.epoch"),
         ("model.arch=resnet9000", "choose one of"),
         ("data.name=mnist3d", "choose one of"),
-        ("+prune.target_flops=0.5", "target_flops"),
+        ("prune.target_flops=1.5", "target_flops"),
+        ("+prune.thresh=0.1 prune.target_flops=0.5", "both set"),
     ],
 )
 def test_bad_config_fails_before_training(compose_cfg, tmp_path, override, message):
-    cfg = compose_cfg(*TINY, override)
+    cfg = compose_cfg(*TINY, *override.split())
     with pytest.raises(ConfigError, match=message):
         train(cfg, tmp_path)
     assert not (tmp_path / "checkpoints").exists()  # nothing was trained
