@@ -11,6 +11,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.utilities import rank_zero_only
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -79,8 +80,9 @@ class SlimmingCallback(Callback):
         start = time.perf_counter()
         self.report = self._cut(pl_module)
         self.report["surgery_seconds"] = time.perf_counter() - start
+        self._check_ranks_agree(trainer, pl_module)
         pl_module.enter_finetune()
-        trainer.strategy.setup_optimizers(trainer)  # fresh optimizer + schedule over the fine-tune epochs
+        self._rebuild_training_state(trainer)
         self._new_checkpoint_phase(trainer)
         if self.eval_after_cut:
             self.report["val_acc_after_cut"] = self._evaluate(trainer, pl_module)
@@ -118,6 +120,29 @@ class SlimmingCallback(Callback):
                             "target_flops" if self.target_flops is not None else "percent")
         report.pop("plan")
         return report
+
+    @staticmethod
+    def _check_ranks_agree(trainer, pl_module) -> None:
+        """Every rank cut the same channels (DDP keeps weights equal, so they must): verify, loudly."""
+        if trainer.world_size <= 1:
+            return
+        mine = pl_module.plan.to_json()
+        if trainer.strategy.broadcast(mine, src=0) != mine:
+            raise RuntimeError(f"rank {trainer.global_rank} pruned differently from rank 0; the ranks' weights "
+                               "had diverged before surgery (check custom callbacks that change the model)")
+
+    @staticmethod
+    def _rebuild_training_state(trainer) -> None:
+        """New parameters need a new optimizer and schedule, and DDP a new wrapper.
+
+        ``DistributedDataParallel`` holds references to the old parameters and its gradient buckets are
+        sized for them: without re-wrapping, ranks would silently stop averaging gradients and diverge.
+        """
+        strategy = trainer.strategy
+        if isinstance(strategy, DDPStrategy):
+            strategy.model = strategy.lightning_module
+            strategy.configure_ddp()  # wraps the cut module, broadcasting rank 0's weights
+        strategy.setup_optimizers(trainer)  # fresh optimizer + schedule over the fine-tune epochs
 
     @torch.no_grad()
     def _evaluate(self, trainer, pl_module) -> float | None:
