@@ -25,7 +25,9 @@ from slimnet.checkpoint_io import SafeCheckpointIO
 from slimnet.config import ConfigError, pruning_enabled, validate
 from slimnet.data import build_datamodule
 from slimnet.graph import TraceError
+from slimnet.latency import compare_latency, speedup_columns
 from slimnet.measure import count_flops
+from slimnet.models.build import build_model
 from slimnet.module import SlimModule
 from slimnet.report import summary_table, write_json
 from slimnet.sparse_cache import SparseCache, sparse_key
@@ -60,6 +62,20 @@ def _callbacks(cfg: DictConfig, run_dir: Path, example_input: torch.Tensor,
         callbacks += [GammaMonitor(histograms=cfg.callbacks.gamma_histograms),
                       LearningRateMonitor(logging_interval="epoch")]
     return callbacks
+
+
+def _latency(cfg: DictConfig, module: SlimModule, example: torch.Tensor, flops_before: int, flops_after: int) -> dict:
+    """Measured speed-up of the cut model over a freshly built unpruned one (weights do not matter)."""
+    lat = cfg.latency
+    unpruned = build_model(module.model.slimnet_config).to(example.device)
+    comparison = compare_latency(unpruned, module.model, example, batch_sizes=tuple(lat.batch_sizes),
+                                 repeats=lat.repeats, backends=tuple(lat.backends), threads=lat.threads,
+                                 flops=(flops_before, flops_after))
+    columns = speedup_columns(comparison)
+    headline = f"speedup_eager_b{max(lat.batch_sizes)}"
+    comparison["speedup"] = columns.get(headline)
+    comparison["columns"] = columns
+    return comparison
 
 
 def build_module(cfg: DictConfig, num_classes: int, in_channels: int) -> SlimModule:
@@ -211,9 +227,13 @@ def _fit_and_report(cfg, run_dir, datamodule, module, example, ckpt_path, extra_
         "seconds": {**timer.seconds, "surgery": cut.get("surgery_seconds", 0.0), "fit": fit_seconds},
         "epochs_trained_here": dict(timer.epochs_here),
         "model_config": module.model.slimnet_config if hasattr(module.model, "slimnet_config") else None,
+        "input_shape": list(example.shape[1:]),
+        "data": OmegaConf.to_container(cfg.data, resolve=True),
         "artifact": None,
         "is_global_zero": trainer.is_global_zero,
     }
+    if trainer.is_global_zero and cfg.latency.enabled and cut:
+        results["latency"] = _latency(cfg, module, example, flops_before, flops_after)
     if cfg.save_artifact and trainer.is_global_zero:
         artifact = run_dir / "pruned.pt"
         save_pruned(module.model, artifact)

@@ -57,14 +57,15 @@ def collect(sweep_dir: str | Path) -> list[dict]:
             rows.append({**row, "status": "failed", "error": r.get("error", "")})
             continue
         prune = r.get("prune", {})
-        speedup = (r.get("latency") or {}).get("speedup")
+        latency = r.get("latency") or {}
         rows.append({
             **row, "status": "ok", "thresh": prune.get("thresh"), "percent": prune.get("percent"),
             "target_flops": prune.get("target_flops"), "threshold_used": r.get("threshold"),
             "flops": r["after"]["flops"], "flops_before": r["before"]["flops"],
             "flops_reduction": r["flops_reduction"], "params": r["after"]["params"],
             "params_before": r["before"]["params"], "val_acc": r.get("val_acc"),
-            "val_acc_after_cut": r.get("val_acc_after_cut"), "test_acc": r.get("test_acc"), "speedup": speedup,
+            "val_acc_after_cut": r.get("val_acc_after_cut"), "test_acc": r.get("test_acc"),
+            "speedup": latency.get("speedup"), **latency.get("columns", {}),
             "sparse_reused": (r.get("sparse_phase") or {}).get("reused"),
             "channels": json.dumps({k: v[1] for k, v in r.get("channels", {}).items()}),
         })
@@ -72,11 +73,14 @@ def collect(sweep_dir: str | Path) -> list[dict]:
 
 
 def write_csv(rows: list[dict], path: str | Path) -> None:
+    """The fixed columns, then any measured latency columns (``speedup_eager_b16``, ``efficiency_…``)."""
+    extra = sorted({k for row in rows for k in row if k not in COLUMNS})
+    columns = COLUMNS + extra
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in COLUMNS})
+            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:

@@ -61,6 +61,10 @@ def test_plain_overrides_work_too(compose_cfg, tmp_path, override):
     results = train(cfg, tmp_path)
     assert results["policy"] == override.split("=")[0].split(".")[1]
     assert results["after"]["flops"] < results["before"]["flops"]
+    assert results["input_shape"] == [3, 16, 16] and results["data"]["name"] == "synthetic"
+    eager16 = next(r for r in results["latency"]["rows"] if r["backend"] == "eager" and r["batch"] == 16)
+    assert eager16["a"]["median_ms"] > 0 and eager16["b"]["median_ms"] > 0
+    assert results["latency"]["speedup"] == eager16["speedup"]
     assert (tmp_path / "results.json").is_file()
 
 
