@@ -24,7 +24,7 @@ from slimnet.callbacks import GammaMonitor, PhaseTimer, SlimmingCallback
 from slimnet.checkpoint_io import SafeCheckpointIO
 from slimnet.config import ConfigError, pruning_enabled, validate
 from slimnet.data import build_datamodule
-from slimnet.graph import TraceError
+from slimnet.graph import TraceError, trace_channel_groups
 from slimnet.latency import compare_latency, speedup_columns
 from slimnet.measure import count_flops
 from slimnet.models.build import build_model
@@ -122,6 +122,23 @@ def _check_writable(run_dir: Path) -> None:
                           "point hydra.run.dir at a writable folder") from None
 
 
+def _preflight(model: torch.nn.Module, example: torch.Tensor, arch: str) -> None:
+    """Trace the model now: a model that cannot be slimmed fails before training, not at the prune epoch."""
+    try:
+        graph = trace_channel_groups(model, example)  # TraceError names the module and the way on
+    except TraceError:
+        raise
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"model {arch} cannot run on inputs of shape {tuple(example.shape[1:])}: {first}; "
+                          "choose a model or data.image_size that fit") from None
+    if not any(group.prunable for group in graph.groups):
+        has_bn = any(group.norms for group in graph.groups)
+        why = "has no BatchNorm: there is no γ to slim by" if not has_bn else \
+            "has no channel group that can be cut safely (" + "; ".join(graph.warnings[:3]) + ")"
+        raise ConfigError(f"model {arch} {why}; use prune=none to train it without surgery")
+
+
 def _single_process(cfg: DictConfig) -> bool:
     """Whether this run trains in one process (the sparse cache's lock is per process, not per rank)."""
     devices, strategy = cfg.trainer.get("devices", "auto"), str(cfg.trainer.get("strategy", "auto"))
@@ -161,6 +178,8 @@ def train(cfg: DictConfig, run_dir: str | Path, extra_callbacks: list[pl.Callbac
     datamodule.check()  # missing or corrupt data fails now, not after the first epoch
     module = build_module(cfg, datamodule.num_classes, datamodule.in_channels)
     example = datamodule.example_input(1)
+    if pruning_enabled(cfg):
+        _preflight(module.model, example, cfg.model.arch)
 
     # Jobs that differ only after the prune epoch share one sparse phase (see sparse_cache.py).
     cache, reused = None, False

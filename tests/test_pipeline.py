@@ -109,6 +109,19 @@ def test_bad_config_fails_before_training(compose_cfg, tmp_path, override, messa
     assert not (tmp_path / "checkpoints").exists()  # nothing was trained
 
 
+def test_model_without_batchnorm_is_refused_before_training(compose_cfg, tmp_path):
+    cfg = compose_cfg(*TINY, "model=torchvision", "model.name=squeezenet1_0", "~model.cfg", "data.image_size=64")
+    with pytest.raises(ConfigError, match="no BatchNorm"):
+        train(cfg, tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_model_too_deep_for_the_image_size_is_refused_before_training(compose_cfg, tmp_path):
+    cfg = compose_cfg(*TINY, "model=torchvision", "model.name=squeezenet1_0", "~model.cfg")  # 16x16 images
+    with pytest.raises(ConfigError, match="cannot run on inputs of shape"):
+        train(cfg, tmp_path)
+
+
 def test_missing_fashion_mnist_names_the_fix(compose_cfg, tmp_path):
     cfg = compose_cfg("data=fashion_mnist", f"data.root={tmp_path / 'nowhere'}", "logger=none")
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
