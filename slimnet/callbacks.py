@@ -38,6 +38,8 @@ class SlimmingCallback(Callback):
             sparse model (no training per probe); wins over ``percent``.
         min_channels: channels every layer keeps at least.
         round_to: keep channel counts a multiple of this, rounding up.
+        fold_bias: fold the constant output of removed channels (act(β) when γ → 0) into the bias of
+            the layers reading them, measured on a batch of real validation images.
         eval_after_cut: measure validation accuracy right after surgery, before any fine-tuning.
         save_sparse: write the sparsity-trained model (end of epoch ``epoch - 1``, before surgery) as
             ``sparse.ckpt`` beside the checkpoints, so other thresholds can be tried without training again.
@@ -50,7 +52,7 @@ class SlimmingCallback(Callback):
 
     def __init__(self, epoch: int, example_input: torch.Tensor, thresh: float | None = None,
                  percent: float | None = None, target_flops: float | None = None, min_channels: int = 1, round_to: int = 1,
-                 eval_after_cut: bool = True, save_sparse: bool = False, on_sparse_saved=None):
+                 fold_bias: bool = True, eval_after_cut: bool = True, save_sparse: bool = False, on_sparse_saved=None):
         if thresh is None and percent is None and target_flops is None:
             raise ValueError("SlimmingCallback needs thresh=…, percent=… or target_flops=…")
         if thresh is not None and target_flops is not None:
@@ -60,7 +62,7 @@ class SlimmingCallback(Callback):
         self.epoch = epoch
         self.example_input = example_input
         self.thresh, self.percent, self.target_flops = thresh, percent, target_flops
-        self.min_channels, self.round_to = min_channels, round_to
+        self.min_channels, self.round_to, self.fold_bias = min_channels, round_to, fold_bias
         self.eval_after_cut, self.save_sparse = eval_after_cut, save_sparse
         self.on_sparse_saved = on_sparse_saved
         self.done = False
@@ -78,7 +80,7 @@ class SlimmingCallback(Callback):
         if self.done or trainer.current_epoch < self.epoch:
             return
         start = time.perf_counter()
-        self.report = self._cut(pl_module)
+        self.report = self._cut(trainer, pl_module)
         self.report["surgery_seconds"] = time.perf_counter() - start
         self._check_ranks_agree(trainer, pl_module)
         pl_module.enter_finetune()
@@ -103,8 +105,22 @@ class SlimmingCallback(Callback):
         self.report = state_dict.get("report")
 
     # -- work ---------------------------------------------------------------------------------------
-    def _cut(self, pl_module) -> dict:
-        x = self.example_input.to(pl_module.device)
+    def _real_batch(self, trainer, pl_module, size: int = 256) -> torch.Tensor:
+        """A batch of real validation images: β folding averages removed channels' outputs over it
+        (exact for γ = 0 with any input, better with real data when γ is small but not zero)."""
+        datamodule = trainer.datamodule
+        loader = datamodule.val_dataloader() if datamodule is not None else None
+        if not loader:
+            return self.example_input.to(pl_module.device)
+        images = []
+        for x, _ in loader:
+            images.append(x)
+            if sum(len(b) for b in images) >= size:
+                break
+        return torch.cat(images)[:size].to(pl_module.device)
+
+    def _cut(self, trainer, pl_module) -> dict:
+        x = self._real_batch(trainer, pl_module)
         policy = {"thresh": self.thresh} if self.thresh is not None else {"percent": self.percent}
         with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -112,7 +128,8 @@ class SlimmingCallback(Callback):
                 thresh, _ = threshold_for_flops(pl_module.model, x, self.target_flops,
                                                 min_channels=self.min_channels, round_to=self.round_to)
                 policy = {"thresh": thresh} if thresh > -math.inf else {"percent": 0.0}
-            report = prune(pl_module.model, x, min_channels=self.min_channels, round_to=self.round_to, **policy)
+            report = prune(pl_module.model, x, min_channels=self.min_channels, round_to=self.round_to,
+                           fold_bias=self.fold_bias, **policy)
         for w in caught:  # re-issue through logging so they reach the run log, once each
             log.warning(str(w.message))
         report["warnings"] = [str(w.message) for w in caught]

@@ -56,7 +56,7 @@ def _callbacks(cfg: DictConfig, run_dir: Path, example_input: torch.Tensor,
         callbacks.append(SlimmingCallback(
             epoch=p.epoch, example_input=example_input, thresh=p.thresh, target_flops=p.get("target_flops"),
             percent=None if explicit else p.percent, min_channels=p.min_channels,
-            round_to=p.round_to, eval_after_cut=p.eval_after_cut, save_sparse=True,
+            round_to=p.round_to, fold_bias=p.fold_bias, eval_after_cut=p.eval_after_cut, save_sparse=True,
             on_sparse_saved=(lambda path: cache.publish(path, run_dir)) if cache is not None else None))
     if cfg.logger.tensorboard:
         callbacks += [GammaMonitor(histograms=cfg.callbacks.gamma_histograms),
