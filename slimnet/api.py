@@ -7,8 +7,9 @@ what the removed channels still emit into the remaining biases, ``surgery`` cuts
 
 from __future__ import annotations
 
+import time
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -98,15 +99,17 @@ def _batch_size(example_inputs) -> int:
 
 
 @torch.no_grad()
-def _measure(model: nn.Module, example_inputs, record: bool) -> tuple[int, int, InputStats]:
+def _measure(model: nn.Module, example_inputs, record: bool, stats_inputs=None) -> tuple[int, int, InputStats]:
     """FLOPs and params (batch of one, as ``count_flops``) and, if ``record``, each layer's input
-    statistics in eval mode over the whole example batch (one forward when the batch has one sample)."""
+    statistics in eval mode over ``stats_inputs`` (default: the whole example batch; when that is one
+    sample, the FLOP-count forward records them, so no extra forward runs)."""
     stats = InputStats(model)
-    one = _batch_size(example_inputs) == 1
-    with stats.recording(enabled=record and one):
+    shared = stats_inputs is None and _batch_size(example_inputs) == 1
+    with stats.recording(enabled=record and shared):
         flops, params = count_flops(model, example_inputs)
-    if record and not one:
-        inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    if record and not shared:
+        inputs = example_inputs if stats_inputs is None else stats_inputs
+        inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
         with stats.recording(), preserved_modes(model):
             model.eval()
             model(*inputs)
@@ -120,31 +123,39 @@ def run_surgery(
     *,
     fold_bias: bool,
     measure_inputs: bool,
+    stats_inputs=None,
     leaf_modules=(),
     caller: str = "prune",
 ) -> dict:
     """Measure, trace, let ``choose`` decide a plan, fold, cut, and report: the steps every entry shares.
 
     ``measure_inputs``: record each layer's input statistics (needed by ``fold_bias`` and by choosers
-    that look at activations).
+    that look at activations), over ``stats_inputs`` if given, else over ``example_inputs``.
     """
-    flops_before, params_before, stats = _measure(model, example_inputs, record=measure_inputs)
+    clock = _Clock()
+    flops_before, params_before, stats = _measure(model, example_inputs, measure_inputs, stats_inputs)
     widths_before = layer_widths(model)
+    clock.lap("measure")
     with preserved_modes(model):
         graph = trace_channel_groups(model, example_inputs, leaf_modules)
         for message in graph.warnings:
             warnings.warn(f"{caller}: {message}", stacklevel=3)
+        clock.lap("trace")
         decision = choose(graph, stats)
         plan = decision.plan
+        clock.lap("plan")
         folded = []
         if fold_bias and plan:
             result = fold_removed_inputs(model, graph, plan, stats)
             plan.add_bias, folded = result.new_bias, result.folded
+        clock.lap("fold")
         apply_plan(model, plan)
+        clock.lap("cut")
     previous = current_plan(model)
     model.slimnet_plan = previous.then(plan) if previous is not None else plan
     flops_after, params_after = count_flops(model, example_inputs)
     widths_after = layer_widths(model)
+    clock.lap("measure_after")
     return {
         "threshold": decision.threshold,
         "flops_before": flops_before,
@@ -156,5 +167,18 @@ def run_surgery(
         "floored": decision.floored,
         "warnings": graph.warnings,
         "folded": folded,
+        # wall time per step; "surgery" is trace + plan + fold + cut (the two measure steps count FLOPs
+        # for this report, and the first also records the inputs folding needs)
+        "seconds": {**clock.laps, "surgery": sum(clock.laps[k] for k in ("trace", "plan", "fold", "cut"))},
         "plan": model.slimnet_plan,
     }
+
+
+class _Clock:
+    def __init__(self):
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name], self._last = now - self._last, now

@@ -33,7 +33,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from slimnet.graph import ChannelGraph
 from slimnet.plan import PrunePlan
-from slimnet.surgery import add_zero_bias
+from slimnet.surgery import add_zero_bias, as_index
 
 
 def _consumer(module: nn.Module) -> bool:
@@ -140,10 +140,13 @@ def _contribution(module: nn.Module, values: torch.Tensor) -> torch.Tensor:
     w = module.weight.detach().float()
     if isinstance(module, nn.Linear):
         return w @ values
-    groups = module.groups
-    w = w.flatten(2).sum(2)  # (out, in/groups): the response to a constant input, away from borders
-    per_group = w.view(groups, w.shape[0] // groups, w.shape[1])
-    return torch.einsum("goi,gi->go", per_group, values.view(groups, -1)).flatten()
+    # The response to a constant input, away from borders: Σ_i Σ_k W[o, i, k] v[i], as one matrix-vector
+    # product per conv-group with v repeated over the kernel positions (reads W once, no temporary).
+    groups, out, per_in = module.groups, w.shape[0], w.shape[1]
+    kernel = w[0, 0].numel()
+    w = w.reshape(groups, out // groups, per_in * kernel)
+    v = values.view(groups, per_in, 1).expand(-1, -1, kernel).reshape(groups, per_in * kernel, 1)
+    return torch.bmm(w, v).flatten()
 
 
 @dataclass
@@ -166,8 +169,8 @@ def fold_removed_inputs(model: nn.Module, graph: ChannelGraph, plan: PrunePlan, 
         if "in" not in axes or measured is None or not _consumer(module):
             continue
         removed = torch.ones(measured.total.numel(), dtype=torch.bool)
-        removed[torch.as_tensor(axes["in"], dtype=torch.long)] = False
-        values = torch.where(removed, measured.value, torch.zeros(()))
+        removed[as_index(axes["in"])] = False
+        values = torch.where(removed.to(measured.total.device), measured.value, 0.0)
         if not bool(values.any()):
             continue
         delta = _contribution(module, values)

@@ -60,7 +60,7 @@ class _Space:
     grouped convs; 1 means no constraint). Only the root's values count.
     """
 
-    __slots__ = ("id", "size", "parent", "frozen_by", "blocks")
+    __slots__ = ("blocks", "frozen_by", "id", "parent", "size")
 
     def __init__(self, id_: int, size: int):
         self.id, self.size, self.parent, self.frozen_by, self.blocks = id_, size, self, [], 1
@@ -247,7 +247,9 @@ class _Tracer(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
 
-def _trace(model: nn.Module, leaf_types: tuple[type, ...]) -> fx.GraphModule:
+def _trace(model: nn.Module, leaf_types: tuple[type, ...]) -> fx.Graph:
+    """The forward as an ``fx.Graph`` whose module targets are ``model``'s own qualified names (run it
+    with ``fx.Interpreter(model, graph=graph)``: no ``GraphModule``, no code generation)."""
     tracer = _Tracer(leaf_types)
     try:
         graph = tracer.trace(model)
@@ -262,7 +264,7 @@ def _trace(model: nn.Module, leaf_types: tuple[type, ...]) -> fx.GraphModule:
             "Hint: data-dependent Python control flow defeats symbolic tracing; pass that submodule's "
             "class in leaf_modules=[...] so it is kept whole, or rewrite the branch with torch.where."
         ) from err
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+    return graph
 
 
 def _frames(tb) -> list[str]:
@@ -285,15 +287,16 @@ def _frames(tb) -> list[str]:
 class _Analysis:
     """Walks an fx graph once, in topological order, assigning a channel layout to every tensor."""
 
-    def __init__(self, gm: fx.GraphModule, shapes: dict[str, torch.Size | None]):
-        self.gm = gm
-        self.modules = dict(gm.named_modules())
+    def __init__(self, model: nn.Module, graph: fx.Graph, shapes: dict[str, torch.Size | None]):
+        self.graph = graph
+        self.modules = dict(model.named_modules())
         self.shapes = shapes
         self.spaces: list[_Space] = []
         self.layout: dict[fx.Node, object] = {}  # node -> Layout | tuple of layouts | None
         self.axes: dict[tuple[str, str], Layout] = {}
         self.module_out: dict[str, _Space] = {}  # a module called twice gives one output space
         self.unknowns: dict[str, tuple[list[str], list[_Space]]] = {}  # kind of op -> (nodes, spaces)
+        self.unknown_kind: dict[fx.Node, str] = {}  # node of an unknown op -> its kind
         self.calls: Counter = Counter()  # module name -> times called
         self.norm_after: dict[str, list[str]] = {}  # conv/linear -> norms reading its output alone
 
@@ -379,6 +382,7 @@ class _Analysis:
         if touched:
             self.freeze(touched, reason)
             nodes, spaces = self.unknowns.setdefault(kind or what, ([], []))
+            self.unknown_kind[node] = kind or what
             nodes.append(node.name)
             spaces.extend(seg.space for lay in touched + ([out] if out else []) for seg in lay)
         return out
@@ -398,7 +402,7 @@ class _Analysis:
 
     # -- node handlers ------------------------------------------------------------------------------
     def run(self) -> None:
-        for node in self.gm.graph.nodes:
+        for node in self.graph.nodes:
             if node.op == "placeholder":
                 self.layout[node] = self.fresh_output(node, "model input")
             elif node.op == "get_attr":
@@ -488,7 +492,13 @@ class _Analysis:
         lay = self.layout.get(source) if isinstance(source, fx.Node) else None
         if isinstance(lay, tuple) and lay and not isinstance(lay[0], Segment):
             return lay[node.args[1]] if isinstance(node.args[1], int) and node.args[1] < len(lay) else None
-        return self.fresh_output(node, f"item of node '{source}'") if self.shape(node) is not None else None
+        if self.shape(node) is None:
+            return None
+        out = self.fresh_output(node, f"item of node '{source}'")
+        kind = self.unknown_kind.get(source)
+        if kind is not None and out:  # an item of an unknown op's tuple (chunk, split): that op's doing
+            self.unknowns[kind][1].extend(seg.space for seg in out)
+        return out
 
     def channelwise(self, node, x: Layout):
         shape_in, shape_out = self.shape(node.args[0]), self.shape(node)
@@ -600,7 +610,13 @@ class _Analysis:
         groups = sorted(roots.values(), key=lambda g: g.id)
         warnings = []
         for kind, (nodes, spaces) in self.unknowns.items():
-            kept = sorted({name for s in spaces for name in _layer_names(roots[s.root().id])})
+            # the model's input and output channels are never cut anyway, and channels no layer sees
+            # cannot be: an op on those alone costs nothing
+            touched = [g for g in {roots[s.root().id].id: roots[s.root().id] for s in spaces}.values()
+                       if g.refs and not any(r in ("model input", "model output") for r in g.frozen_by)]
+            if not touched:
+                continue
+            kept = sorted({name for g in touched for name in _layer_names(g)})
             warnings.append(f"unknown op {kind} at {_listing(nodes, 3, quote=True)}: its channels are kept whole"
                             + (f" in {_listing(kept, 4)}" if kept else ""))
         norm_after = {layer: norms[0] for layer, norms in self.norm_after.items()
@@ -619,10 +635,18 @@ def _listing(names: list[str], limit: int, quote: bool = False) -> str:
 
 
 class _ShapeRecorder(fx.Interpreter):
-    """Runs a traced graph, recording every node's output shape; shape-preserving leaves are skipped."""
+    """Runs a traced graph, recording every node's output shape.
 
-    def __init__(self, gm: fx.GraphModule):
-        super().__init__(gm)
+    With ``meta=True`` the inputs are meta tensors and nothing is computed: convs and linears get
+    their output shape by formula, shape-preserving leaves (BatchNorm, activations) pass their input
+    through, other leaves run on meta copies of their own tensors (``functional_call``, which puts
+    the originals back), and tensors read by ``get_attr`` are meta copies. So the model's tensors,
+    BN statistics, counters and the RNG are never touched.
+    """
+
+    def __init__(self, model: nn.Module, graph: fx.Graph, meta: bool):
+        super().__init__(model, graph=graph)
+        self.meta = meta
         self.shapes: dict[str, torch.Size | None] = {}
 
     def run_node(self, n):
@@ -630,67 +654,82 @@ class _ShapeRecorder(fx.Interpreter):
         self.shapes[n.name] = out.shape if isinstance(out, torch.Tensor) else None
         return out
 
+    def get_attr(self, target, args, kwargs):
+        value = super().get_attr(target, args, kwargs)
+        return value.to("meta") if self.meta and isinstance(value, torch.Tensor) else value
+
     def call_module(self, target, args, kwargs):
-        # BatchNorm and activations give their input's shape; on meta tensors their decompositions are
-        # the slowest part of the pass (train-mode batch norm is ~3 ms a call), so don't run them.
-        if len(args) == 1 and not kwargs and isinstance(self.fetch_attr(target), _SAME_SHAPE_MODULES):
-            return args[0]
-        return super().call_module(target, args, kwargs)
+        m = self.fetch_attr(target)
+        x = args[0] if len(args) == 1 and not kwargs else None
+        if isinstance(x, torch.Tensor) and isinstance(m, _SAME_SHAPE_MODULES):
+            return x  # its output has its input's shape; no need to run it (real or meta)
+        if not self.meta:
+            return super().call_module(target, args, kwargs)
+        if isinstance(x, torch.Tensor) and (shape := _leaf_output_shape(m, x.shape)) is not None:
+            return x.new_empty(shape)
+        tensors = dict(m.named_parameters(remove_duplicate=False))
+        tensors.update(m.named_buffers(remove_duplicate=False))
+        if not tensors:
+            return super().call_module(target, args, kwargs)
+        state = {k: v.to("meta") for k, v in tensors.items()}
+        return torch.func.functional_call(m, state, tuple(args), kwargs, tie_weights=True, strict=False)
 
 
-class _MetaRun(nn.Module):
-    """Holds the graph module so ``functional_call`` can swap its tensors for meta copies."""
+def _leaf_output_shape(m: nn.Module, shape: torch.Size) -> tuple | None:
+    """A conv's or linear's output shape on a (batched) input of ``shape``; None for anything else."""
+    if isinstance(m, nn.Linear) and len(shape) >= 1:
+        if shape[-1] != m.in_features:
+            raise ValueError(f"Linear with {m.in_features} inputs got a tensor of shape {tuple(shape)}")
+        return (*shape[:-1], m.out_features)
+    if not isinstance(m, _ConvNd) or m.transposed or len(shape) != len(m.kernel_size) + 2:
+        return None
+    if shape[1] != m.in_channels:
+        raise ValueError(f"conv with {m.in_channels} input channels got a tensor of shape {tuple(shape)}")
+    if isinstance(m.padding, str):  # "valid": none; "same": output size = input size (stride 1 only)
+        return (shape[0], m.out_channels, *shape[2:]) if m.padding == "same" else (
+            shape[0], m.out_channels,
+            *[(n - d * (k - 1) - 1) // s + 1 for n, k, s, d in zip(shape[2:], m.kernel_size, m.stride, m.dilation)])
+    return (shape[0], m.out_channels, *[
+        (n + 2 * p - d * (k - 1) - 1) // s + 1
+        for n, k, s, p, d in zip(shape[2:], m.kernel_size, m.stride, m.padding, m.dilation)])
 
-    def __init__(self, gm: fx.GraphModule):
-        super().__init__()
-        self.gm = gm
 
-    def forward(self, *args):
-        recorder = _ShapeRecorder(self.gm)
-        recorder.run(*args)
-        return recorder.shapes
-
-
-def _meta_shapes(gm: fx.GraphModule, example_inputs: tuple) -> dict[str, torch.Size | None]:
-    """Shapes from a forward on the meta device: no compute, and the model's own tensors are never
-    touched (``functional_call`` swaps in meta stand-ins for the call and puts the originals back), so
-    BN statistics, counters and the RNG stay as they were. 10-50 ms on torchvision models at 224 px,
-    against 0.2-3 s for a real train-mode forward on two busy CPU cores."""
-    tensors = dict(gm.named_parameters(remove_duplicate=False))
-    tensors.update(gm.named_buffers(remove_duplicate=False))
-    state = {f"gm.{k}": v.to("meta") for k, v in tensors.items()}
-    inputs = tuple(x.to("meta") if isinstance(x, torch.Tensor) else x for x in example_inputs)
+def _meta_shapes(model: nn.Module, graph: fx.Graph, example_inputs: tuple) -> dict[str, torch.Size | None]:
+    """Shapes from a forward on the meta device: no compute, the model untouched. 5-40 ms on
+    torchvision models at 224 px, against 0.2-3 s for a real train-mode forward on two busy cores."""
+    recorder = _ShapeRecorder(model, graph, meta=True)
     with torch.no_grad():
-        return torch.func.functional_call(_MetaRun(gm), state, inputs, tie_weights=True, strict=False)
+        recorder.run(*(x.to("meta") if isinstance(x, torch.Tensor) else x for x in example_inputs))
+    return recorder.shapes
 
 
-def _real_shapes(gm: fx.GraphModule, example_inputs: tuple) -> dict[str, torch.Size | None]:
+def _real_shapes(model: nn.Module, graph: fx.Graph, example_inputs: tuple) -> dict[str, torch.Size | None]:
     """Run the traced model once for real, recording each node's output shape.
 
     Runs in train mode (the traced graph is the train-mode one, with auxiliary heads), then puts every
     buffer back (BatchNorm and InstanceNorm running statistics, counters), so tracing never changes
     the model.
     """
-    saved = {name: buf.clone() for name, buf in gm.named_buffers()}
-    recorder = _ShapeRecorder(gm)
+    saved = {name: buf.clone() for name, buf in model.named_buffers()}
+    recorder = _ShapeRecorder(model, graph, meta=False)
     try:
         with torch.no_grad():
             recorder.run(*example_inputs)
     finally:
-        buffers = dict(gm.named_buffers())
+        buffers = dict(model.named_buffers())
         with torch.no_grad():
             for name, value in saved.items():
                 buffers[name].copy_(value)
     return recorder.shapes
 
 
-def _shapes(gm: fx.GraphModule, example_inputs: tuple) -> dict[str, torch.Size | None]:
+def _shapes(model: nn.Module, graph: fx.Graph, example_inputs: tuple) -> dict[str, torch.Size | None]:
     """Each node's output shape: on meta tensors when the forward allows, else from a real forward
     (a forward that makes CPU tensors of its own, or reads values with ``.item()``, needs real data)."""
     try:
-        return _meta_shapes(gm, example_inputs)
-    except Exception:  # any failure on meta means "needs real data", never a wrong shape
-        return _real_shapes(gm, example_inputs)
+        return _meta_shapes(model, graph, example_inputs)
+    except Exception:  # noqa: BLE001 - any failure on meta means "needs real data", never a wrong shape
+        return _real_shapes(model, graph, example_inputs)
 
 
 def _as_batch_of_two(example_inputs) -> tuple:
@@ -718,8 +757,8 @@ def trace_channel_groups(model: nn.Module, example_inputs, leaf_modules=()) -> C
     """
     with preserved_modes(model):
         model.train()  # the train-mode graph includes auxiliary heads that also consume channels
-        gm = _trace(model, tuple(leaf_modules))
-        shapes = _shapes(gm, _as_batch_of_two(example_inputs))
-    analysis = _Analysis(gm, shapes)
+        graph = _trace(model, tuple(leaf_modules))
+        shapes = _shapes(model, graph, _as_batch_of_two(example_inputs))
+    analysis = _Analysis(model, graph, shapes)
     analysis.run()
     return analysis.result()

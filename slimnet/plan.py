@@ -201,16 +201,19 @@ def plan_for(graph: ChannelGraph, kept: dict[int, torch.Tensor], *, threshold: f
 def _axis_indices(graph: ChannelGraph, kept: dict[int, torch.Tensor]) -> dict[str, dict[str, list[int]]]:
     """Expand kept channels per group into kept feature indices per module axis."""
     out: dict[str, dict[str, list[int]]] = {}
+    as_lists = {gid: idx.tolist() for gid, idx in kept.items()}
     for (module, kind), parts in graph.axes.items():
         if not any(gid in kept for gid, _, _ in parts):
             continue
         idx, offset = [], 0
         for gid, size, mult in parts:
-            channels = kept[gid] if gid in kept else torch.arange(size)
-            block = (channels[:, None] * mult + torch.arange(mult)[None, :]).flatten() + offset
-            idx.append(block)
+            channels = as_lists[gid] if gid in kept else range(size)
+            if mult == 1:  # the common case (no flatten): plain ints, no tensor ops
+                idx.extend(c + offset for c in channels)
+            else:  # flatten: channel c is features c*mult ... c*mult + mult - 1
+                idx.extend(offset + c * mult + j for c in channels for j in range(mult))
             offset += size * mult
-        out.setdefault(module, {})[kind] = torch.cat(idx).tolist()
+        out.setdefault(module, {})[kind] = idx
     return out
 
 
@@ -223,11 +226,11 @@ def groups_summary(graph: ChannelGraph, kept: dict[int, torch.Tensor]) -> list[d
         rows.append({
             "layers": g.producers or sorted({r.module for r in g.refs}),
             "before": g.size,
-            "after": int(len(kept[g.id])) if g.id in kept else g.size,
+            "after": len(kept[g.id]) if g.id in kept else g.size,
             "prunable": g.prunable,
             "frozen_by": g.frozen_by[:3],
         })
     return rows
 
 
-__all__ = ["PrunePlan", "PlanDecision", "decide", "plan_for", "group_scores", "threshold_for_percent", "ChannelGroup"]
+__all__ = ["ChannelGroup", "PlanDecision", "PrunePlan", "decide", "group_scores", "plan_for", "threshold_for_percent"]

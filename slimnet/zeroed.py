@@ -7,17 +7,20 @@ channel group, and from every layer that reads them (which a rewrite of the zero
 
 Semantics (what "zeroed" means, and why outputs stay the same):
 
-* A channel is a candidate when it is zero in *every* producer of its group: weight rows and bias of
-  each conv or linear that writes it (for a residual sum, both branches).
-* A zero filter does not make a zero channel: a BatchNorm after it emits ``β - γ·μ/σ`` (eval mode), an
-  activation maps that to another constant, and that constant reaches the consumers. Removing the
-  channel removes the constant too, so it is folded into the consumers' bias (``slimnet.fold``).
+* A channel is a candidate when its filter's weights are zero in *every* producer of its group (each
+  conv or linear that writes it; for a residual sum, both branches). ``ln_structured`` masks weights
+  only, so a bias may remain: the channel is then a constant, not zero.
+* Nor does a zero filter make a zero channel when a BatchNorm follows: it emits ``β - γ·μ/σ`` (eval
+  mode), an activation maps that to another constant, and that constant reaches the consumers. Removing
+  the channel removes the constant too, so it is folded into the consumers' bias (``slimnet.fold``).
 * Exact by default: a candidate is removed only if its value at every consumer is zero, or a constant
   that folds exactly (into a linear layer or a conv without zero padding). A nonzero constant read by a
   zero-padded conv differs at the border (the conv reads padding there), so such a channel is kept, with
   a warning; ``exact=False`` removes it anyway (exact in the interior). Values are read at each
   consumer's input during an eval-mode forward on the example inputs, so every path (a depthwise conv
-  with padding in between, an SE multiply) is accounted for.
+  with padding in between, an SE multiply) is accounted for. The forward sees the example inputs and
+  a random batch of the same shape, so a channel scaled by something that depends on the input (a
+  per-sample gate) is never mistaken for a constant.
 * Channels are removed only where the graph understands them (the same groups ``prune`` cuts, here
   with or without a BatchNorm); each layer keeps at least one channel, and a grouped conv's blocks lose
   the same number each.
@@ -54,11 +57,9 @@ def make_masks_permanent(model: nn.Module) -> list[str]:
 
 @torch.no_grad()
 def zero_filters(module: nn.Module) -> torch.Tensor:
-    """Per output channel of a conv or linear layer: are its weights (and bias) all exactly zero?"""
-    zero = (module.weight.detach().flatten(1) == 0).all(1)
-    if getattr(module, "bias", None) is not None:
-        zero &= module.bias.detach() == 0
-    return zero
+    """Per output channel of a conv or linear layer: are its weights all exactly zero (its output is
+    then its bias, whatever the input)?"""
+    return (module.weight.detach().flatten(1) == 0).all(1).cpu()
 
 
 def _removable(group: ChannelGroup, modules: dict, stats: InputStats, exact: bool, fold: bool):
@@ -76,10 +77,28 @@ def _removable(group: ChannelGroup, modules: dict, stats: InputStats, exact: boo
         measured = stats.get(ref.module)
         if measured is None:  # never ran in the forward: cannot vouch for anything it reads
             return zero, torch.zeros_like(zero)
-        feature_ok = exactly_removable(modules[ref.module], measured, fold)
+        feature_ok = exactly_removable(modules[ref.module], measured, fold).cpu()
         span = feature_ok[ref.offset: ref.offset + group.size * ref.mult]
         ok &= span.view(group.size, ref.mult).all(1)
     return zero, ok
+
+
+def _with_random_twin(example_inputs) -> tuple:
+    """The example batch followed by as many random samples (same mean and spread; integer inputs
+    repeated): constants must hold across different inputs. Uses its own generator, not the global one."""
+    gen = torch.Generator().manual_seed(0)
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    out = []
+    for x in inputs:
+        if isinstance(x, torch.Tensor) and x.dim() > 0:
+            twin = x
+            if x.is_floating_point():
+                noise = torch.randn(x.shape, generator=gen).to(x)
+                spread = x.float().std() if x.numel() > 1 else x.new_zeros(())
+                twin = noise * (spread if spread > 0 else 1) + x.float().mean().to(x)
+            x = torch.cat([x, twin])
+        out.append(x)
+    return tuple(out)
 
 
 def _even_removal(removable: torch.Tensor, blocks: int) -> torch.Tensor:
@@ -132,7 +151,8 @@ def prune_zeroed(model: nn.Module, example_inputs, *, exact: bool = True, fold_b
         return PlanDecision(plan=plan, threshold=None, kept=kept)
 
     report = run_surgery(model, example_inputs, choose, fold_bias=fold_bias, measure_inputs=True,
-                         leaf_modules=leaf_modules, caller="prune_zeroed")
+                         stats_inputs=_with_random_twin(example_inputs), leaf_modules=leaf_modules,
+                         caller="prune_zeroed")
     if kept_back:
         warnings.warn(
             f"prune_zeroed: kept {sum(kept_back.values())} zeroed channel(s) in place, in "

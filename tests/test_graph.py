@@ -394,6 +394,31 @@ def test_tracing_leaves_model_unchanged(mode):
     _assert_same(before, _snapshot(model))
 
 
+class MakesItsOwnTensor(nn.Module):
+    """Its forward makes a CPU tensor: shapes cannot come from meta tensors, so one real forward runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = _cbr(3, 8), _cbr(8, 8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.a(x)
+        x = x * torch.ones((x.shape[0], 1, 1, 1))  # a per-sample factor: channels untouched
+        return self.fc(self.b(x).mean((2, 3)))
+
+
+def test_forward_meta_tensors_cannot_run_falls_back_to_a_real_one_without_side_effects():
+    model = MakesItsOwnTensor()
+    model.train()
+    before = _snapshot(model)
+    graph = trace_channel_groups(model, X)
+    _assert_same(before, _snapshot(model))
+    assert graph.warnings == []
+    assert _facts(graph.group_of("a.0", "out")) == (8, ["a.0"], ["a.1"], ["b.0"])
+    assert graph.group_of("a.0", "out").prunable
+
+
 def test_tracing_leaves_instance_norm_running_stats_unchanged():
     model = nn.Sequential(_cbr(3, 8), nn.Conv2d(8, 8, 1), nn.InstanceNorm2d(8, track_running_stats=True))
     model.eval()

@@ -421,3 +421,92 @@ def test_two_passes_compose_into_one_replayable_plan(fold_bias):
     fresh.eval()
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), model(x))
+
+
+# --------------------------------------------------------------------------- β folding
+
+
+class FoldNet(nn.Module):
+    """conv 3x3 -> BN -> relu -> conv 1x1 (no bias; a BN follows) -> BN -> relu -> 2x2 pool -> view -> fc.
+
+    The removed channels of the first group reach a 1x1 conv, those of the second a linear layer
+    through flatten (4 features each): both are places where folding is exact."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc = nn.Linear(8 * 4, NUM_CLASSES)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.pool(torch.relu(self.bn2(self.conv2(x))))
+        return self.fc(x.view(x.size(0), -1))
+
+
+@torch.no_grad()
+def _weak_channels_with_bias(model: nn.Module, bns, gamma: float, seed: int = 0) -> None:
+    """Non-trivial statistics; then channels 1, 4, 6 of each BN get |γ| = gamma and β in [0.3, 0.8]
+    (what sparsity training leaves: γ near zero, β not), the others γ in [0.5, 1]."""
+    gen = torch.Generator().manual_seed(seed)
+    for bn in bns:
+        bn.momentum = None
+    model.train()
+    model(torch.randn(8, 3, 16, 16, generator=gen))
+    model.eval()
+    for bn in bns:
+        bn.weight.copy_(torch.rand(bn.num_features, generator=gen) * 0.5 + 0.5)
+        bn.bias.copy_(torch.randn(bn.num_features, generator=gen) * 0.2)
+        bn.weight[[1, 4, 6]] = gamma
+        bn.bias[[1, 4, 6]] = torch.rand(3, generator=gen) * 0.5 + 0.3
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.01])
+def test_fold_bias_puts_the_removed_channels_constant_back(gamma):
+    """γ = 0, β ≠ 0: each removed channel emits relu(β); folded into the 1x1 conv (through bn2's running
+    mean) and the linear's bias, the cut is exact. With γ small but not zero, folding the mean still
+    recovers almost all of it; without folding the outputs move."""
+    torch.manual_seed(0)
+    model = FoldNet()
+    _weak_channels_with_bias(model, [model.bn1, model.bn2], gamma)
+    x = _inputs(16)
+    with torch.no_grad():
+        ref = model(x)
+    unfolded = copy.deepcopy(model)
+    thresh = gamma + 1e-6
+
+    report = prune(model, x, thresh=thresh)
+    prune(unfolded, x, thresh=thresh, fold_bias=False)
+
+    assert model.conv1.out_channels == model.conv2.out_channels == 5 and model.fc.in_features == 20
+    assert sorted(report["folded"]) == ["conv2", "fc"] and report["plan"].add_bias == []
+    assert model.conv2.bias is None  # bn2's running mean took the constant instead
+    with torch.no_grad():
+        out, out_unfolded = model(x), unfolded(x)
+    err_unfolded = (out_unfolded - ref).abs().max()
+    assert err_unfolded > 0.05
+    if gamma == 0:
+        torch.testing.assert_close(out, ref)
+    else:
+        assert (out - ref).abs().max() < 0.2 * err_unfolded
+
+
+def test_fold_bias_is_exact_inside_a_padded_conv_and_better_overall():
+    """A 3x3 zero-padded reader: the constant is folded for every output pixel, but border pixels had
+    read padding for part of their window, so only the interior is exact."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 4, 3, padding=1))
+    _weak_channels_with_bias(model, [model[1]], 0.0)
+    x = _inputs(16)
+    with torch.no_grad():
+        ref = model(x)
+    unfolded = copy.deepcopy(model)
+    prune(model, x, thresh=1e-6)
+    prune(unfolded, x, thresh=1e-6, fold_bias=False)
+    with torch.no_grad():
+        out, out_unfolded = model(x), unfolded(x)
+    assert model[3].in_channels == 5
+    torch.testing.assert_close(out[..., 1:-1, 1:-1], ref[..., 1:-1, 1:-1])
+    assert (out - ref).norm() < 0.5 * (out_unfolded - ref).norm()
