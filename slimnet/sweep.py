@@ -140,10 +140,25 @@ def plot(rows: list[dict], path: str | Path, metric: str = "test_acc") -> None:
     plt.close(fig)
 
 
-def report(sweep_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``sweep.csv`` and ``acc_vs_flops.png`` into ``sweep_dir``; return their paths."""
+def baseline_row(run_dir: str | Path) -> dict:
+    """A separate unpruned run (``experiment=baseline``: no sparsity, no cut) as the sweep's reference."""
+    run_dir = Path(run_dir)
+    r = json.loads((run_dir / "results.json").read_text())
+    return {"job": f"baseline:{run_dir}", "status": "ok", "overrides": "experiment=baseline",
+            "flops": r["after"]["flops"], "flops_before": r["before"]["flops"], "flops_reduction": 0.0,
+            "params": r["after"]["params"], "params_before": r["before"]["params"], "val_acc": r.get("val_acc"),
+            "test_acc": r.get("test_acc")}
+
+
+def report(sweep_dir: str | Path, baseline: str | Path | None = None) -> tuple[Path, Path]:
+    """Write ``sweep.csv`` and ``acc_vs_flops.png`` into ``sweep_dir``; return their paths.
+
+    ``baseline``: the run dir of an unpruned run trained without sparsity, added as the reference
+    point (a ``prune.percent=0`` job inside the sweep is the other kind of reference: sparsity-trained,
+    not cut, sharing the sweep's sparse phase).
+    """
     sweep_dir = Path(sweep_dir)
-    rows = collect(sweep_dir)
+    rows = collect(sweep_dir) + ([baseline_row(baseline)] if baseline is not None else [])
     csv_path, png_path = sweep_dir / "sweep.csv", sweep_dir / "acc_vs_flops.png"
     write_csv(rows, csv_path)
     plot(rows, png_path)

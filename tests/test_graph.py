@@ -25,14 +25,7 @@ X = torch.randn(2, 3, 8, 8)
 # --------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread: these ops are tiny, and with a second process busy on the cores torch's
-    thread pool spends most of its time waiting (50x slower here). Restored after the module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # see conftest.py
 
 
 

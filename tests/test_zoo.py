@@ -45,13 +45,7 @@ PARTIAL = {
 NO_BATCHNORM = {"convnext_tiny": {}, "vit_b_16": {"image_size": 32}, "squeezenet1_0": {}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread: with other processes on the two cores, torch's pool mostly waits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module", params=ZOO)
