@@ -111,6 +111,7 @@ def plot(rows: list[dict], path: str | Path, metric: str = "test_acc") -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     ok = [r for r in rows if r["status"] == "ok" and r.get(metric) is not None]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
@@ -124,9 +125,15 @@ def plot(rows: list[dict], path: str | Path, metric: str = "test_acc") -> None:
                        s=160, color="tab:red", zorder=4, label="unpruned")
         else:  # no unpruned job: still show where the original model stands
             ax.axvline(ok[0]["flops_before"] / 1e6, color="tab:red", ls=":", label="unpruned FLOPs")
-        for r in ok:
+        # Neighbouring points of a sweep sit close together: alternate labels above and below.
+        for i, r in enumerate(sorted(ok, key=lambda r: r["flops"])):
             ax.annotate(_label(r), (r["flops"] / 1e6, 100 * r[metric]), textcoords="offset points",
-                        xytext=(5, 5), fontsize=8)
+                        xytext=(5, 6 if i % 2 == 0 else -12), fontsize=8)
+        flops = [r["flops"] for r in ok]
+        if max(flops) > 20 * min(flops):  # deep cuts span orders of magnitude: spread them out
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.margins(x=0.08)
         front = pareto_front([(r["flops"] / 1e6, 100 * r[metric]) for r in ok])
         ax.step([f for f, _ in front], [a for _, a in front], where="post", color="tab:green", alpha=0.7,
                 label="Pareto front")
