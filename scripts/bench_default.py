@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from slimnet.latency import cpu_name
+
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = {
     "slimmed (default)": [],
@@ -50,8 +52,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_default")
     args = parser.parse_args()
     rows = [run(name, overrides, seed, args.out) for seed in args.seeds for name, overrides in RUNS.items()]
-    env = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or
-           platform.machine(), "threads": torch.get_num_threads()}
+    env = {"python": platform.python_version(), "torch": torch.__version__, "cpu": cpu_name(),
+           "threads": torch.get_num_threads()}
     (ROOT / "docs").mkdir(exist_ok=True)
     (ROOT / "docs" / "bench_default.json").write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
 

@@ -137,6 +137,18 @@ def _fixed_threads(threads: int):
         torch.set_num_threads(before)
 
 
+def cpu_name() -> str:
+    """The CPU's model name (``platform.processor()`` is empty on Linux): hosts of one machine kind
+    differ, and a timing means little without it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _setup(threads: int, warmup: int, repeats: int, batch_sizes) -> dict:
     try:
         import onnxruntime
@@ -146,7 +158,7 @@ def _setup(threads: int, warmup: int, repeats: int, batch_sizes) -> dict:
         ort_version = None
     return {"threads": threads, "warmup": warmup, "repeats": repeats, "batch_sizes": list(batch_sizes),
             "order": "interleaved ABBA", "torch": torch.__version__, "onnxruntime": ort_version,
-            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "cpu": cpu_name(), "cores": os.cpu_count(),
             "load_avg_1m_before": round(os.getloadavg()[0], 2)}
 
 
