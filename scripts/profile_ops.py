@@ -12,14 +12,13 @@ warm-up calls.
 from __future__ import annotations
 
 import argparse
-import copy
 from collections import defaultdict
 
 import torch
+from bench_latency import DEFAULT, pruned, random_gammas  # the same cut as bench_latency's random-γ rows
 from torch.profiler import profile
 
-import slimnet
-from slimnet.models import create_model
+from slimnet.models.build import build_model
 
 
 def op_shares(model: torch.nn.Module, x: torch.Tensor, calls: int = 50) -> tuple[float, dict[str, float]]:
@@ -45,14 +44,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    unpruned = create_model("vgg_small", num_classes=10, in_channels=1).eval()
-    pruned = copy.deepcopy(unpruned)
-    for m in pruned.modules():  # random γ: a near-uniform cut, as in scripts/bench_latency.py
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.weight.data.uniform_(0, 1)
-    report = slimnet.prune(pruned, torch.randn(1, 1, 28, 28), percent=args.percent)
+    unpruned = random_gammas(build_model(DEFAULT)).eval()
+    cut, report = pruned(unpruned, torch.randn(1, 1, 28, 28), percent=args.percent)
     x = torch.randn(args.batch, 1, 28, 28)
-    results = {name: op_shares(m, x) for name, m in (("unpruned", unpruned), ("pruned", pruned))}
+    results = {name: op_shares(m, x) for name, m in (("unpruned", unpruned), ("pruned", cut))}
     ops = list(results["unpruned"][1])[: args.top]
     print(f"vgg_small, batch {args.batch}, percent={args.percent}: FLOPs ÷ "
           f"{report['flops_before'] / report['flops_after']:.2f}, time ÷ "
