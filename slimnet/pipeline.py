@@ -51,7 +51,7 @@ def _callbacks(cfg: DictConfig, run_dir: Path, example_input: torch.Tensor,
     if pruning_enabled(cfg):
         p = cfg.prune
         # thresh (or target_flops) wins over percent: both may be set when a user adds +prune.thresh to
-        # the default config, whose percent is 0.7
+        # the default config, which sets percent
         explicit = p.thresh is not None or p.get("target_flops") is not None
         callbacks.append(SlimmingCallback(
             epoch=p.epoch, example_input=example_input, thresh=p.thresh, target_flops=p.get("target_flops"),
