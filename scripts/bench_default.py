@@ -1,6 +1,6 @@
 """The default run against an unpruned run of the same epochs, on this machine.
 
-    python scripts/bench_default.py            # both runs, one after the other; writes docs/bench_default.{json,md}
+    python scripts/bench_default.py            # both runs in turn; writes docs/bench_default.{json,md}
     python scripts/bench_default.py --seeds 0 1 2
     python scripts/bench_default.py trainer.max_epochs=14   # any override, given to both runs
 
@@ -91,7 +91,8 @@ def main() -> None:
            "threads": torch.get_num_threads(), "host_train_images_per_second": host_images_per_second(),
            "overrides": args.overrides}
     rows = [run(name, [*overrides, *args.overrides], seed, args.out)
-            for seed in args.seeds for name, overrides in RUNS.items() if _short(name) in args.runs]
+            for seed in args.seeds for name, overrides in RUNS.items()
+            if _short(name) in args.runs]
     (ROOT / "docs").mkdir(exist_ok=True)
     (ROOT / "docs" / "bench_default.json").write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
 
@@ -108,7 +109,8 @@ def main() -> None:
             lines.append(f"\n{name}: mean test acc {100 * statistics.mean(accs):.2f}% "
                          f"± {100 * statistics.stdev(accs):.2f} over seeds {args.seeds}")
     lines.append(f"\nHost: {env['cpu']}, {env['threads']} threads, bare training step of the unpruned model "
-                 f"{env['host_train_images_per_second']:.0f} img/s. Overrides: {' '.join(args.overrides) or 'none'}.")
+                 f"{env['host_train_images_per_second']:.0f} img/s. "
+                 f"Overrides: {' '.join(args.overrides) or 'none'}.")
     table = "\n".join(lines)
     (ROOT / "docs" / "bench_default.md").write_text(table + "\n")
     print(table)

@@ -9,7 +9,8 @@ Three measurements, each model pair (or set) timed call by call in turn so machi
 
 1. The default model (``vgg_small``, Fashion-MNIST 28x28) pruned at several points: BatchNorm γ drawn
    from U(0, 1) (seed 0) and cut with ``slimnet.prune(percent=p)``, plus the channel widths a real default
-   run kept (the earlier default recipe, λ=2e-3 and percent 0.7 on trained γ: docs/ were measured with it). For each: speed-up ÷ FLOPs reduction
+   run kept (the earlier default recipe, λ=2e-3 and percent 0.7 on trained γ: docs/ were measured with
+   it). For each: speed-up ÷ FLOPs reduction
    (1.0 = latency fell as much as FLOPs did) at batch 1 and 16, per backend. Target (issue 6): >= 0.9 at
    batch 16.
 2. ``round_to`` N in {1, 4, 8, 16, 32} for the default model at percent 0.7: which N is fastest here.

@@ -6,8 +6,8 @@ Same model (the default vgg_small), same Fashion-MNIST batches (128, flip+crop o
 Each measurement times ``--batches`` optimizer steps after ``--warmup`` steps, in interleaved rounds
 (A B A B …) so drift of the machine hits both sides alike; the median round is reported.
 
-1. Lightning ``SlimModule`` (λ = 2e-3; λ's value does not change a step's cost) vs a hand-written loop doing the same work
-   (forward, cross-entropy, backward, λ·sign(γ), SGD step): images per second.
+1. Lightning ``SlimModule`` (λ = 2e-3; λ's value does not change a step's cost) vs a hand-written loop
+   doing the same work (forward, cross-entropy, backward, λ·sign(γ), SGD step): images per second.
 2. λ = 1e-4 vs λ = 0 in the Lightning pipeline: step time; plus the L1 call itself timed alone.
 """
 
