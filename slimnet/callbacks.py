@@ -121,8 +121,6 @@ class SlimmingCallback(Callback):
 
     def _cut(self, trainer, pl_module) -> dict:
         x = self._real_batch(trainer, pl_module)
-        if hasattr(pl_module, "keep_teacher"):  # fine-tuning may distil from the model as it is now
-            pl_module.keep_teacher(x)
         policy = {"thresh": self.thresh} if self.thresh is not None else {"percent": self.percent}
         with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

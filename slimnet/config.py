@@ -59,12 +59,6 @@ def validate(cfg: DictConfig) -> None:
         value = cfg.sparsity[key]
         if not _number(value) or math.isnan(value) or value < 0:
             raise ConfigError(f"sparsity.{key}={value} must be a number >= 0")
-    distill = cfg.get("distill") or {}
-    alpha, temperature = distill.get("alpha", 0.0), distill.get("temperature", 4.0)
-    if not _number(alpha) or not 0 <= alpha <= 1:
-        raise ConfigError(f"distill.alpha={alpha} must be in [0, 1] (0 turns distillation off)")
-    if not _number(temperature) or not temperature > 0:
-        raise ConfigError(f"distill.temperature={temperature} must be a number > 0")
     if cfg.optim.name not in OPTIMIZERS:
         raise ConfigError(f"optim.name={cfg.optim.name!r} is unknown; choose one of: {', '.join(OPTIMIZERS)}")
     for where in ("optim", "finetune"):

@@ -11,14 +11,12 @@ built model before the weights load, so a pruned checkpoint restores without any
 
 from __future__ import annotations
 
-import copy
 import random
 
 import pytorch_lightning as pl
 import torch
 import torchmetrics
 from torch import nn
-from torch.nn import functional as F
 
 from slimnet.models.build import build_model
 from slimnet.plan import PrunePlan
@@ -27,9 +25,6 @@ from slimnet.sparsity import add_l1_subgradient, bn_gammas, gamma_stats, init_ga
 from slimnet.surgery import replay_plan
 
 SPARSE, FINETUNE = "sparse", "finetune"
-# |γ| at or below this counts as zero when the teacher is slimmed: the sign subgradient leaves "zero"
-# γ jittering around 0 by ~lr·λ (1e-4 with the defaults); 1e-6 removes only channels that are off.
-TEACHER_ZERO_GAMMA = 1e-6
 
 
 class SlimModule(pl.LightningModule):
@@ -45,25 +40,19 @@ class SlimModule(pl.LightningModule):
         sparsity: ``lam`` (λ of the sparse phase), ``finetune_lam`` (λ after surgery),
             ``gamma_init`` (initial γ of every BatchNorm, or None to keep the model's own).
         prune_epoch: the epoch the model is cut at, or None for a run without pruning.
-        distill: ``alpha`` (weight of the distillation term in the fine-tune loss, 0 = off) and
-            ``temperature``: the cut model learns from the uncut sparse model it came from (see
-            ``keep_teacher``), the signal the cut took away, at the cost of one teacher forward per step.
         model: an already built ``nn.Module`` to use instead of ``model_config`` (not saved in
             checkpoints; pass it again to ``load_from_checkpoint``).
     """
 
     def __init__(self, model_config: dict, optim: dict, finetune: dict | None = None,
-                 sparsity: dict | None = None, prune_epoch: int | None = None, model: nn.Module | None = None,
-                 distill: dict | None = None):
+                 sparsity: dict | None = None, prune_epoch: int | None = None, model: nn.Module | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
         self.model = model if model is not None else build_model(model_config)
         self.sparsity = {"lam": 0.0, "finetune_lam": 0.0, "gamma_init": None, **(sparsity or {})}
         if self.sparsity["gamma_init"] is not None:
             init_gammas(self.model, self.sparsity["gamma_init"])
-        self.distill = {"alpha": 0.0, "temperature": 4.0, **(distill or {})}
-        self._teacher: list[nn.Module] = []  # a list, so the teacher is no submodule: not in state_dict,
-        self.phase = SPARSE                   # the optimizer or DDP's buckets
+        self.phase = SPARSE
         num_classes = model_config["num_classes"]
         self.criterion = nn.CrossEntropyLoss()
         metric = torchmetrics.classification.MulticlassAccuracy
@@ -79,28 +68,6 @@ class SlimModule(pl.LightningModule):
     @property
     def lam(self) -> float:
         return self.sparsity["lam"] if self.phase == SPARSE else self.sparsity["finetune_lam"]
-
-    @property
-    def teacher(self) -> nn.Module | None:
-        return self._teacher[0] if self._teacher else None
-
-    def keep_teacher(self, example: torch.Tensor) -> None:
-        """Called by the SlimmingCallback right before surgery: keep the uncut model to distil from.
-
-        Its channels with γ = 0 (a third of them after the default sparse phase) are removed first,
-        exactly (their constant output is folded into the next bias), so the teacher costs less than
-        the model it was."""
-        if self.distill["alpha"] <= 0:
-            return
-        from slimnet.api import prune  # the module needs the surgery engine only here
-
-        teacher = copy.deepcopy(self.model)
-        with torch.no_grad():
-            prune(teacher, example, thresh=TEACHER_ZERO_GAMMA, min_channels=1)
-        self._set_teacher(teacher)
-
-    def _set_teacher(self, teacher: nn.Module) -> None:
-        self._teacher = [teacher.eval().requires_grad_(False)]
 
     def enter_finetune(self) -> None:
         """Called by the SlimmingCallback right after surgery: the next optimizers are fine-tune ones."""
@@ -127,26 +94,8 @@ class SlimModule(pl.LightningModule):
         self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
-    def _distill_step(self, batch) -> torch.Tensor:
-        """(1-α)·CE + α·T²·KL(teacher ‖ student) at temperature T (Hinton et al. 2015)."""
-        x, y = batch
-        alpha, temp = self.distill["alpha"], self.distill["temperature"]
-        with torch.no_grad():
-            target = F.softmax(self.teacher(x) / temp, dim=1)
-        logits = self.model(x)
-        hard = self.criterion(logits, y)
-        soft = F.kl_div(F.log_softmax(logits / temp, dim=1), target, reduction="batchmean") * temp**2
-        self.train_acc(logits, y)
-        self.log("train/loss", hard, on_step=True, on_epoch=True, prog_bar=True)
-        self.log("train/distill", soft, on_step=False, on_epoch=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
-        return (1 - alpha) * hard + alpha * soft
-
     def training_step(self, batch, batch_idx):
-        if self.teacher is not None and self.phase == FINETUNE:
-            loss = self._distill_step(batch)
-        else:
-            loss = self._step(batch, "train", self.train_acc)
+        loss = self._step(batch, "train", self.train_acc)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step} ({self.phase} "
@@ -188,10 +137,6 @@ class SlimModule(pl.LightningModule):
         plan = self.plan
         checkpoint["slimnet"] = {"phase": self.phase, "plan": plan.to_json() if plan is not None else "",
                                  "rng": _rng_state()}
-        if self.teacher is not None:  # a fine-tune resumed from here goes on learning from the same teacher
-            teacher_plan = getattr(self.teacher, "slimnet_plan", None)
-            checkpoint["slimnet"]["teacher"] = {"plan": teacher_plan.to_json() if teacher_plan else "",
-                                                "state_dict": self.teacher.state_dict()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Lightning calls this before load_state_dict: cut the fresh model to the saved widths first.
@@ -199,12 +144,6 @@ class SlimModule(pl.LightningModule):
         self.phase = state.get("phase", SPARSE)
         if state.get("plan") and self.plan is None:
             replay_plan(self.model, PrunePlan.from_json(state["plan"]))
-        if state.get("teacher") and self.distill["alpha"] > 0:
-            teacher = build_model(self.hparams.model_config)
-            if state["teacher"]["plan"]:
-                replay_plan(teacher, PrunePlan.from_json(state["teacher"]["plan"]))
-            teacher.load_state_dict(state["teacher"]["state_dict"])
-            self._set_teacher(teacher.to(self.device))
         if self._trainer is not None and state.get("rng"):
             # Resuming a fit: continue the random streams (shuffling, augmentation) where the
             # checkpoint left them, so a resumed run retraces an uninterrupted one on CPU.

@@ -87,7 +87,6 @@ def build_module(cfg: DictConfig, num_classes: int, in_channels: int) -> SlimMod
         finetune=OmegaConf.to_container(cfg.finetune, resolve=True),
         sparsity=OmegaConf.to_container(cfg.sparsity, resolve=True),
         prune_epoch=cfg.prune.epoch if pruning_enabled(cfg) else None,
-        distill=OmegaConf.to_container(cfg.distill, resolve=True) if "distill" in cfg else None,
     )
 
 
