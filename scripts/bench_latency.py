@@ -4,6 +4,8 @@
     python scripts/bench_latency.py --skip-resnet # the default model only, ~2.5 min
     python scripts/bench_latency.py --render      # rewrite the .md from the .json (no timing)
     python scripts/bench_latency.py --threads 2   # default 1: steadier when other jobs share the cores
+    python scripts/bench_latency.py --default-sweep  # the trained default sweep's points only (issue 6's
+                                                     # target); writes docs/bench_latency_sweep.{md,json}
 
 Three measurements, each model pair (or set) timed call by call in turn so machine drift cancels:
 
@@ -46,6 +48,16 @@ PERCENTS = (0.3, 0.5, 0.7)  # 0.7 is conf/prune/default.yaml
 # 91.96%): its results.json "channels". docs/bench_latency.* were measured with these; the current default
 # keeps [26, 51, 62, 62, 32, 87] (README), not yet timed here. Early layers keep more than a uniform cut.
 TRAINED_CFG = [20, "M", 38, "M", 54, 50, "M", 42, 56]
+# Widths kept by real runs of the current default recipe (seed 0, one shared sparse phase): the default
+# run (percent 0.63) and the README's threshold sweep (+prune.thresh=0.01,0.05,0.1,0.2), each from its
+# results.json "channels". `--default-sweep` times these: the points issue 6's target is about.
+DEFAULT_SWEEP = {
+    "default run (percent=0.63)": [26, "M", 51, "M", 62, 62, "M", 32, 87],
+    "+prune.thresh=0.01": [27, "M", 54, "M", 83, 88, "M", 100, 107],
+    "+prune.thresh=0.05": [26, "M", 53, "M", 78, 80, "M", 52, 97],
+    "+prune.thresh=0.1": [25, "M", 45, "M", 44, 43, "M", 22, 81],
+    "+prune.thresh=0.2": [14, "M", 11, "M", 4, 4, "M", 4, 55],
+}
 ROUND_TO = (1, 4, 8, 16, 32)
 
 
@@ -82,9 +94,13 @@ def percent_for_flops(model: nn.Module, example: torch.Tensor, keep: float, step
 def sweep(args) -> list[dict]:
     example = torch.zeros(1, 1, 28, 28)
     base = random_gammas(build_model(DEFAULT))
-    points = [(f"percent={p} (random γ)", *pruned(base, example, percent=p)) for p in PERCENTS]
-    trained = create_model("vgg", num_classes=10, in_channels=1, cfg=TRAINED_CFG)
-    points.append(("trained default run", trained, None))
+    if args.default_sweep:
+        points = [(name, create_model("vgg", num_classes=10, in_channels=1, cfg=cfg), None)
+                  for name, cfg in DEFAULT_SWEEP.items()]
+    else:
+        points = [(f"percent={p} (random γ)", *pruned(base, example, percent=p)) for p in PERCENTS]
+        trained = create_model("vgg", num_classes=10, in_channels=1, cfg=TRAINED_CFG)
+        points.append(("trained default run", trained, None))
     flops_a = slimnet.count_flops(base, example)[0]
     out = []
     for name, model, _ in points:
@@ -185,21 +201,22 @@ def markdown(data: dict) -> str:
                    + ", ".join(f"{b} {min(w):.2f} ({'met' if min(w) >= 0.9 else 'not met'})"
                                for b, w in worst.items()) + ".")]
 
-    rt = data["round_to"]
-    names = list(rt["flops"])
-    lines += ["", "## round_to (default model, percent=0.7, random γ)", "",
+    rt = data.get("round_to")
+    names = list(rt["flops"]) if rt else []
+    lines += [] if not rt else ["", "## round_to (default model, percent=0.7, random γ)", "",
               ("Median ms per call, the six models timed in turn in one run. Rounding up keeps more channels "
                "(more FLOPs): N pays only where kernels run aligned widths faster."), "",
               "| backend | batch | " + " | ".join(names) + " | fastest pruned |",
               "|---|---|" + "---|" * len(names) + "---|",
               "| MFLOPs | | " + " | ".join(f"{rt['flops'][n] / 1e6:.1f}" for n in names) + " | |"]
     table: dict[tuple, dict[str, float]] = {}
-    for row in rt["rows"]:
+    for row in rt["rows"] if rt else []:
         table.setdefault((row["backend"], row["batch"]), {})[row["model"]] = row["median_ms"]
     for (backend, batch), ms in table.items():
         best = min((n for n in names if n != "unpruned"), key=ms.get)
         lines.append(f"| {backend} | {batch} | " + " | ".join(f"{ms[n]:.2f}" for n in names) + f" | {best} |")
-    lines += ["", "Widths: " + "; ".join(f"{k} {v}" for k, v in rt["widths"].items())]
+    if rt:
+        lines += ["", "Widths: " + "; ".join(f"{k} {v}" for k, v in rt["widths"].items())]
 
     if data.get("resnet50"):
         r = data["resnet50"]
@@ -240,18 +257,21 @@ def main() -> None:
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     parser.add_argument("--skip-resnet", action="store_true")
     parser.add_argument("--resnet-compile", action="store_true", help="also torch.compile resnet50 (slow)")
-    parser.add_argument("--out", default=str(ROOT / "docs" / "bench_latency"), help="writes OUT.md, OUT.json")
+    parser.add_argument("--default-sweep", action="store_true",
+                        help="time only the trained default sweep's widths (no round_to, no resnet50)")
+    parser.add_argument("--out", default=None, help="writes OUT.md, OUT.json (default: docs/bench_latency, "
+                        "or docs/bench_latency_sweep with --default-sweep)")
     parser.add_argument("--render", action="store_true", help="only rewrite OUT.md from OUT.json")
     args = parser.parse_args()
-    out = Path(args.out)
+    out = Path(args.out or ROOT / "docs" / ("bench_latency_sweep" if args.default_sweep else "bench_latency"))
     if args.render:
         out.with_suffix(".md").write_text(markdown(json.loads(out.with_suffix(".json").read_text())))
         return
 
     start = time.perf_counter()
     load_start = os.getloadavg()
-    data = {"sweep": sweep(args), "round_to": round_to(args)}
-    data["resnet50"] = None if args.skip_resnet else resnet50(args)
+    data = {"sweep": sweep(args), "round_to": None if args.default_sweep else round_to(args)}
+    data["resnet50"] = None if args.skip_resnet or args.default_sweep else resnet50(args)
     data["setup"] = {**data["sweep"][0]["setup"], "load_start": [round(x, 2) for x in load_start],
                      "load_end": [round(x, 2) for x in os.getloadavg()],
                      "minutes": (time.perf_counter() - start) / 60, "python": platform.python_version()}
