@@ -45,8 +45,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = {"arch": "vgg_small", "num_classes": 10, "in_channels": 1}  # conf/model/vgg_small.yaml + data
 PERCENTS = (0.3, 0.5, 0.7)  # 0.7 is conf/prune/default.yaml
 # Widths kept by a real run of the earlier default recipe (λ=2e-3, percent 0.7 on trained γ, test acc
-# 91.96%): its results.json "channels". docs/bench_latency.* were measured with these; the current default
-# keeps [26, 51, 62, 62, 32, 87] (README), not yet timed here. Early layers keep more than a uniform cut.
+# 91.96%): its results.json "channels". docs/bench_latency.* were measured with these; the current
+# default's widths are in DEFAULT_SWEEP below. Early layers keep more than a uniform cut.
 TRAINED_CFG = [20, "M", 38, "M", 54, 50, "M", 42, 56]
 # Widths kept by real runs of the current default recipe (seed 0, one shared sparse phase): the default
 # run (percent 0.63) and the README's threshold sweep (+prune.thresh=0.01,0.05,0.1,0.2), each from its
@@ -163,6 +163,23 @@ def _by_backend(rows: list[dict]) -> dict[str, dict[int, dict]]:
     return table
 
 
+def _round_to_lines(rt: dict) -> list[str]:
+    names = list(rt["flops"])
+    lines = ["", "## round_to (default model, percent=0.7, random γ)", "",
+             ("Median ms per call, the six models timed in turn in one run. Rounding up keeps more channels "
+              "(more FLOPs): N pays only where kernels run aligned widths faster."), "",
+             "| backend | batch | " + " | ".join(names) + " | fastest pruned |",
+             "|---|---|" + "---|" * len(names) + "---|",
+             "| MFLOPs | | " + " | ".join(f"{rt['flops'][n] / 1e6:.1f}" for n in names) + " | |"]
+    table: dict[tuple, dict[str, float]] = {}
+    for row in rt["rows"]:
+        table.setdefault((row["backend"], row["batch"]), {})[row["model"]] = row["median_ms"]
+    for (backend, batch), ms in table.items():
+        best = min((n for n in names if n != "unpruned"), key=ms.get)
+        lines.append(f"| {backend} | {batch} | " + " | ".join(f"{ms[n]:.2f}" for n in names) + f" | {best} |")
+    return lines + ["", "Widths: " + "; ".join(f"{k} {v}" for k, v in rt["widths"].items())]
+
+
 def markdown(data: dict) -> str:
     s = data["setup"]
     lines = [
@@ -201,22 +218,8 @@ def markdown(data: dict) -> str:
                    + ", ".join(f"{b} {min(w):.2f} ({'met' if min(w) >= 0.9 else 'not met'})"
                                for b, w in worst.items()) + ".")]
 
-    rt = data.get("round_to")
-    names = list(rt["flops"]) if rt else []
-    lines += [] if not rt else ["", "## round_to (default model, percent=0.7, random γ)", "",
-              ("Median ms per call, the six models timed in turn in one run. Rounding up keeps more channels "
-               "(more FLOPs): N pays only where kernels run aligned widths faster."), "",
-              "| backend | batch | " + " | ".join(names) + " | fastest pruned |",
-              "|---|---|" + "---|" * len(names) + "---|",
-              "| MFLOPs | | " + " | ".join(f"{rt['flops'][n] / 1e6:.1f}" for n in names) + " | |"]
-    table: dict[tuple, dict[str, float]] = {}
-    for row in rt["rows"] if rt else []:
-        table.setdefault((row["backend"], row["batch"]), {})[row["model"]] = row["median_ms"]
-    for (backend, batch), ms in table.items():
-        best = min((n for n in names if n != "unpruned"), key=ms.get)
-        lines.append(f"| {backend} | {batch} | " + " | ".join(f"{ms[n]:.2f}" for n in names) + f" | {best} |")
-    if rt:
-        lines += ["", "Widths: " + "; ".join(f"{k} {v}" for k, v in rt["widths"].items())]
+    if data.get("round_to"):
+        lines += _round_to_lines(data["round_to"])
 
     if data.get("resnet50"):
         r = data["resnet50"]
