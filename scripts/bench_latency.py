@@ -58,6 +58,14 @@ DEFAULT_SWEEP = {
     "+prune.thresh=0.1": [25, "M", 45, "M", 44, 43, "M", 22, 81],
     "+prune.thresh=0.2": [14, "M", 11, "M", 4, 4, "M", 4, 55],
 }
+# The narrowest models surgery can leave of this architecture: every conv at prune.min_channels (4, the
+# default floor) or at 1 (min_channels=1). No cut of vgg_small runs faster than the faster of them, so
+# their speed-up bounds what any point can reach: efficiency >= 0.9 is out of reach wherever the FLOPs
+# reduction exceeds bound speed-up / 0.9. `--default-sweep` times them beside the sweep's points.
+BOUNDS = {
+    "bound: every conv 4 wide": [4, "M", 4, "M", 4, 4, "M", 4, 4],
+    "bound: every conv 1 wide": [1, "M", 1, "M", 1, 1, "M", 1, 1],
+}
 ROUND_TO = (1, 4, 8, 16, 32)
 
 
@@ -96,7 +104,7 @@ def sweep(args) -> list[dict]:
     base = random_gammas(build_model(DEFAULT))
     if args.default_sweep:
         points = [(name, create_model("vgg", num_classes=10, in_channels=1, cfg=cfg), None)
-                  for name, cfg in DEFAULT_SWEEP.items()]
+                  for name, cfg in {**DEFAULT_SWEEP, **BOUNDS}.items()]
     else:
         points = [(f"percent={p} (random γ)", *pruned(base, example, percent=p)) for p in PERCENTS]
         trained = create_model("vgg", num_classes=10, in_channels=1, cfg=TRAINED_CFG)
@@ -109,7 +117,8 @@ def sweep(args) -> list[dict]:
         result = compare_latency(base, model, example, batch_sizes=(1, 16), warmup=args.warmup,
                                  repeats=args.repeats, backends=args.backends, threads=args.threads,
                                  flops=(flops_a, flops_b))
-        out.append({"point": name, "widths": widths(model), "flops": [flops_a, flops_b], **result})
+        out.append({"point": name, "widths": widths(model), "flops": [flops_a, flops_b],
+                    "bound": name in BOUNDS, **result})
     return out
 
 
@@ -180,6 +189,31 @@ def _round_to_lines(rt: dict) -> list[str]:
     return lines + ["", "Widths: " + "; ".join(f"{k} {v}" for k, v in rt["widths"].items())]
 
 
+def _bound_lines(bounds: list[dict], points: list[dict]) -> list[str]:
+    """What any cut of this architecture can reach: the speed-up of the narrowest models surgery can leave."""
+    lines = ["", "## What any cut can reach (batch 16)", "",
+             ("The narrowest models surgery can leave of vgg_small, timed against the same unpruned model: no "
+              "cut with that `prune.min_channels` runs faster, so efficiency >= 0.9 is out of reach at any "
+              "point whose FLOPs reduction exceeds (their speed-up) / 0.9. The speed-up used is the higher of "
+              "the median and the fastest-call estimates (the one kinder to the target)."), "",
+             "| model | FLOPs ÷ | backend | b16 ms | b16 speed-up | b16 speed-up (min) |", "|---|---|---|---|---|---|"]
+    verdicts = []
+    for bound in bounds:
+        ratio = bound["flops"][0] / bound["flops"][1]
+        for backend, rows in _by_backend(bound["rows"]).items():
+            row = rows[16]
+            quiet = row["a"]["min_ms"] / row["b"]["min_ms"]
+            lines.append(f"| {bound['point']} {bound['widths']} | {ratio:.0f}× | {backend} | "
+                         f"{row['a']['median_ms']:.2f} → {row['b']['median_ms']:.2f} | {row['speedup']:.2f}× | "
+                         f"{quiet:.2f}× |")
+            limit = max(row["speedup"], quiet) / 0.9
+            out = [p["point"] for p in points if p["flops"][0] / p["flops"][1] > limit]
+            verdicts.append(f"- {bound['point'].removeprefix('bound: ')}, {backend}: efficiency >= 0.9 needs a "
+                            f"FLOPs reduction <= {limit:.1f}×; out of reach at: "
+                            + (", ".join(out) if out else "no point of this sweep") + ".")
+    return lines + [""] + verdicts
+
+
 def markdown(data: dict) -> str:
     s = data["setup"]
     lines = [
@@ -204,7 +238,8 @@ def markdown(data: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     worst: dict[str, list[float]] = {}
-    for point in data["sweep"]:
+    points = [p for p in data["sweep"] if not p.get("bound")]
+    for point in points:
         ratio = point["flops"][0] / point["flops"][1]
         for backend, rows in _by_backend(point["rows"]).items():
             lines.append(f"| {point['point']} | {ratio:.2f}× | {backend} | {_pair_cells(rows[1])} | "
@@ -212,12 +247,15 @@ def markdown(data: dict) -> str:
             worst.setdefault(backend, []).append(min(rows[16]["efficiency"], _min_efficiency(rows[16])))
         for backend, reason in point["unavailable"].items():
             lines.append(f"| {point['point']} | {ratio:.2f}× | {backend} | unavailable: {reason} ||||||")
-    lines += ["", "Conv widths kept: " + "; ".join(f"{p['point']} {p['widths']}" for p in data["sweep"]),
+    lines += ["", "Conv widths kept: " + "; ".join(f"{p['point']} {p['widths']}" for p in points),
               "", ("Target (issue 6): efficiency >= 0.9 at batch 16 at every point. Worst point per backend "
                    "(lower of the two estimates): "
                    + ", ".join(f"{b} {min(w):.2f} ({'met' if min(w) >= 0.9 else 'not met'})"
                                for b, w in worst.items()) + ".")]
 
+    bounds = [p for p in data["sweep"] if p.get("bound")]
+    if bounds:
+        lines += _bound_lines(bounds, points)
     if data.get("round_to"):
         lines += _round_to_lines(data["round_to"])
 
