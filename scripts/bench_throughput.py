@@ -9,6 +9,8 @@ Each measurement times ``--batches`` optimizer steps after ``--warmup`` steps, i
 1. Lightning ``SlimModule`` (λ = 2e-3; λ's value does not change a step's cost) vs a hand-written loop
    doing the same work (forward, cross-entropy, backward, λ·sign(γ), SGD step): images per second.
 2. λ = 1e-4 vs λ = 0 in the Lightning pipeline: step time; plus the L1 call itself timed alone.
+3. ``channels_last=true`` (NHWC, the default) vs NCHW training in the Lightning pipeline, for the unpruned
+   model (the sparse phase) and for the widths a default run keeps (the fine-tune phase).
 """
 
 from __future__ import annotations
@@ -28,13 +30,15 @@ from slimnet.module import SlimModule
 from slimnet.sparsity import add_l1_subgradient, bn_gammas
 
 ROOT = Path(__file__).resolve().parents[1]
+# Conv widths a default run keeps (README, "What a run produces"): the model the fine-tune phase trains.
+PRUNED = {"arch": "vgg", "cfg": [24, "M", 52, "M", 63, 62, "M", 33, 86]}
 OPTIM = {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4, "nesterov": True, "schedule": "constant"}
 
 
-def make_module(lam: float) -> SlimModule:
+def make_module(lam: float, channels_last: bool = False, arch: dict | None = None) -> SlimModule:
     torch.manual_seed(0)
-    return SlimModule(model_config={"arch": "vgg_small", "num_classes": 10, "in_channels": 1}, optim=OPTIM,
-                      sparsity={"lam": lam, "gamma_init": 0.5})
+    return SlimModule(model_config={**(arch or {"arch": "vgg_small"}), "num_classes": 10, "in_channels": 1},
+                      optim=OPTIM, sparsity={"lam": lam, "gamma_init": 0.5}, channels_last=channels_last)
 
 
 class _StepClock(pl.Callback):
@@ -53,12 +57,12 @@ class _StepClock(pl.Callback):
             self.end = time.perf_counter()
 
 
-def lightning_rate(dm, lam: float, batches: int, warmup: int) -> float:
+def lightning_rate(dm, lam: float, batches: int, warmup: int, **module_args) -> float:
     clock = _StepClock(warmup)
     trainer = pl.Trainer(max_epochs=1, limit_train_batches=warmup + batches, limit_val_batches=0,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=[clock], accelerator="auto", devices=1)
-    trainer.fit(make_module(lam), datamodule=dm)
+    trainer.fit(make_module(lam, **module_args), datamodule=dm)
     return clock.images / (clock.end - clock.start)
 
 
@@ -106,12 +110,20 @@ def main() -> None:
     dm = FashionMNISTDataModule(batch_size=128)
     dm.setup("fit")
 
-    rates = {"lightning": [], "bare": [], "lam=1e-4": [], "lam=0": []}
+    runs = {
+        "lightning": lambda: lightning_rate(dm, 2e-3, args.batches, args.warmup),
+        "bare": lambda: bare_rate(dm, 2e-3, args.batches, args.warmup),
+        "lam=1e-4": lambda: lightning_rate(dm, 1e-4, args.batches, args.warmup),
+        "lam=0": lambda: lightning_rate(dm, 0.0, args.batches, args.warmup),
+        "channels_last": lambda: lightning_rate(dm, 2e-3, args.batches, args.warmup, channels_last=True),
+        "pruned": lambda: lightning_rate(dm, 0.0, args.batches, args.warmup, arch=PRUNED),
+        "pruned channels_last": lambda: lightning_rate(dm, 0.0, args.batches, args.warmup, arch=PRUNED,
+                                                       channels_last=True),
+    }
+    rates = {name: [] for name in runs}
     for _ in range(args.rounds):
-        rates["lightning"].append(lightning_rate(dm, 2e-3, args.batches, args.warmup))
-        rates["bare"].append(bare_rate(dm, 2e-3, args.batches, args.warmup))
-        rates["lam=1e-4"].append(lightning_rate(dm, 1e-4, args.batches, args.warmup))
-        rates["lam=0"].append(lightning_rate(dm, 0.0, args.batches, args.warmup))
+        for name, rate in runs.items():
+            rates[name].append(rate())
     med = {k: statistics.median(v) for k, v in rates.items()}
     step_seconds = 128 / med["lam=0"]
     result = {
@@ -121,6 +133,8 @@ def main() -> None:
         "l1_step_time_overhead": med["lam=0"] / med["lam=1e-4"] - 1,
         "l1_call_seconds": l1_call_seconds(),
         "l1_call_share_of_step": l1_call_seconds() / step_seconds,
+        "channels_last_vs_nchw": med["channels_last"] / med["lightning"],
+        "pruned_channels_last_vs_nchw": med["pruned channels_last"] / med["pruned"],
         "batches": args.batches, "torch_threads": torch.get_num_threads(),
     }
     (ROOT / "docs").mkdir(exist_ok=True)
@@ -130,6 +144,9 @@ def main() -> None:
     print(f"step time λ=1e-4 vs λ=0: {100 * result['l1_step_time_overhead']:+.2f}% "
           f"(the L1 call alone: {1e6 * result['l1_call_seconds']:.0f} µs = "
           f"{100 * result['l1_call_share_of_step']:.2f}% of a {1e3 * step_seconds:.0f} ms step)")
+    print(f"channels_last vs NCHW: unpruned {med['channels_last']:.0f} vs {med['lightning']:.0f} img/s "
+          f"({result['channels_last_vs_nchw']:.2f}x); pruned widths {med['pruned channels_last']:.0f} vs "
+          f"{med['pruned']:.0f} img/s ({result['pruned_channels_last_vs_nchw']:.2f}x)")
 
 
 def _augment(dm, batch):

@@ -87,6 +87,7 @@ def build_module(cfg: DictConfig, num_classes: int, in_channels: int) -> SlimMod
         finetune=OmegaConf.to_container(cfg.finetune, resolve=True),
         sparsity=OmegaConf.to_container(cfg.sparsity, resolve=True),
         prune_epoch=cfg.prune.epoch if pruning_enabled(cfg) else None,
+        channels_last=bool(cfg.get("channels_last", False)),
     )
 
 
@@ -223,6 +224,9 @@ def _fit_and_report(cfg, run_dir, datamodule, module, example, ckpt_path, extra_
     if cfg.test:
         test_acc = trainer.test(module, datamodule=datamodule, verbose=False)[0]["test/acc"]
 
+    # The trained model leaves in the default (NCHW) layout: the latency baseline, the artifact and every
+    # user's plain input use it; channels_last was a training speed choice, not part of the model.
+    module.model.to(memory_format=torch.contiguous_format)
     flops_after, params_after = count_flops(module.model, example)
     widths_after = layer_widths(module.model)
     slimming = next((cb for cb in callbacks if isinstance(cb, SlimmingCallback)), None)

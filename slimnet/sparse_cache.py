@@ -43,7 +43,8 @@ def sparse_key(cfg: DictConfig) -> str:
     recipe["sparsity"] = {"lam": cfg.sparsity.lam, "gamma_init": cfg.sparsity.gamma_init}
     recipe["trainer"] = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()
                          if k not in _TRAINER_IGNORED}
-    recipe.update(seed=cfg.seed, prune_epoch=cfg.prune.epoch, code=code_version())
+    recipe.update(seed=cfg.seed, prune_epoch=cfg.prune.epoch, code=code_version(),
+                  channels_last=bool(cfg.get("channels_last", False)))  # other summation order
     return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 

@@ -1,0 +1,83 @@
+"""``channels_last``: NHWC training stays NHWC through surgery and resume, and leaves an ordinary model."""
+
+from __future__ import annotations
+
+import torch
+from conftest import TINY
+from pytorch_lightning import Callback
+from torch import nn
+
+import slimnet
+from slimnet.artifact import load_pruned
+from slimnet.module import SlimModule
+from slimnet.pipeline import train
+from slimnet.sparse_cache import sparse_key
+
+CONFIG = {"arch": "vgg", "cfg": [8, "M", 16, "M", 16], "num_classes": 4, "in_channels": 3}
+OPTIM = {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 0.0}
+
+
+def _convs(model: nn.Module) -> list[nn.Conv2d]:
+    return [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+
+
+def _nhwc(model: nn.Module) -> bool:
+    return all(c.weight.is_contiguous(memory_format=torch.channels_last) and
+               not c.weight.is_contiguous() for c in _convs(model))
+
+
+def test_module_is_nhwc_and_computes_what_nchw_computes():
+    torch.manual_seed(0)
+    nchw = SlimModule(CONFIG, OPTIM).eval()
+    nhwc = SlimModule(CONFIG, OPTIM, channels_last=True).eval()
+    nhwc.model.load_state_dict(nchw.model.state_dict())  # copies values, keeps each side's layout
+    assert _nhwc(nhwc.model) and not _nhwc(nchw.model)
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 4, (4,))
+    torch.testing.assert_close(nhwc._step((x, y), "val", nhwc.val_acc), nchw._step((x, y), "val", nchw.val_acc))
+
+
+def test_surgery_and_plan_replay_keep_nhwc():
+    torch.manual_seed(0)
+    module = SlimModule(CONFIG, OPTIM, channels_last=True)
+    for bn in module.model.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            nn.init.uniform_(bn.weight)  # unequal γ, so the cut removes channels in every layer
+    report = slimnet.prune(module.model, torch.randn(2, 3, 16, 16), percent=0.4)
+    assert report["flops_after"] < report["flops_before"]
+    assert not _nhwc(module.model)  # surgery's new convs come out NCHW ...
+    module.enter_finetune()
+    assert _nhwc(module.model)  # ... and the fine-tune phase turns them back before its optimizer is built
+
+    checkpoint = {"state_dict": module.state_dict(), "slimnet": {"phase": "finetune",
+                                                                 "plan": module.plan.to_json()}}
+    fresh = SlimModule(CONFIG, OPTIM, channels_last=True)
+    fresh.on_load_checkpoint(checkpoint)  # replays the plan on a fresh, full-width model
+    fresh.load_state_dict(checkpoint["state_dict"])
+    assert _nhwc(fresh.model)
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(fresh.eval().model(x), module.eval().model(x))
+
+
+def test_pipeline_trains_nhwc_and_leaves_an_nchw_artifact(compose_cfg, tmp_path):
+    cfg = compose_cfg(*TINY, "channels_last=true")
+    seen = []
+
+    class LayoutSpy(Callback):  # the layout of the conv weights each training step uses
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append((trainer.current_epoch, _nhwc(pl_module.model)))
+
+    results = train(cfg, tmp_path, extra_callbacks=[LayoutSpy()])
+    epochs = {epoch for epoch, _ in seen}
+    assert cfg.prune.epoch in epochs and min(epochs) < cfg.prune.epoch  # both phases were watched
+    assert all(nhwc for _, nhwc in seen)
+    loaded = load_pruned(results["artifact"]).eval()
+    assert all(c.weight.is_contiguous() for c in _convs(loaded))
+    saved = torch.load(results["artifact"], weights_only=True)["state_dict"]
+    assert all(t.is_contiguous() for t in saved.values())  # what a plain NCHW user loads
+    x = torch.randn(2, 3, 16, 16)
+    assert loaded(x).shape == (2, results["model_config"]["num_classes"])
+
+
+def test_channels_last_changes_the_sparse_cache_key(compose_cfg):
+    # another summation order trains another sparse phase: runs must not share it
+    assert sparse_key(compose_cfg(*TINY, "channels_last=true")) != sparse_key(compose_cfg(*TINY, "channels_last=false"))
