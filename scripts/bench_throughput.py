@@ -4,7 +4,8 @@
 
 Same model (the default vgg_small), same Fashion-MNIST batches (128, flip+crop on the batch), same SGD.
 Each measurement times ``--batches`` optimizer steps after ``--warmup`` steps, in interleaved rounds
-(A B A B …) so drift of the machine hits both sides alike; the median round is reported.
+(A B … B A) so drift of the machine hits both sides alike; the median round is reported, and under
+"paired" the median over rounds of each comparison's ratio within the round.
 
 1. Lightning ``SlimModule`` (λ = 2e-3; λ's value does not change a step's cost) vs a hand-written loop
    doing the same work (forward, cross-entropy, backward, λ·sign(γ), SGD step): images per second.
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from slimnet.data import FashionMNISTDataModule, random_flip_crop
+from slimnet.latency import cpu_name
 from slimnet.module import SlimModule
 from slimnet.sparsity import add_l1_subgradient, bn_gammas
 
@@ -121,10 +123,15 @@ def main() -> None:
                                                        channels_last=True),
     }
     rates = {name: [] for name in runs}
-    for _ in range(args.rounds):
-        for name, rate in runs.items():
-            rates[name].append(rate())
+    for i in range(args.rounds):
+        for name in list(runs) if i % 2 == 0 else reversed(runs):  # A B … B A: drift hits both sides
+            rates[name].append(runs[name]())
     med = {k: statistics.median(v) for k, v in rates.items()}
+
+    def paired(a: str, b: str) -> float:
+        """Median over rounds of a/b within each round: the comparison interleaving is meant for."""
+        return statistics.median(x / y for x, y in zip(rates[a], rates[b]))
+
     step_seconds = 128 / med["lam=0"]
     result = {
         "images_per_second": med,
@@ -135,6 +142,11 @@ def main() -> None:
         "l1_call_share_of_step": l1_call_seconds() / step_seconds,
         "channels_last_vs_nchw": med["channels_last"] / med["lightning"],
         "pruned_channels_last_vs_nchw": med["pruned channels_last"] / med["pruned"],
+        "paired": {"lightning_vs_bare": paired("lightning", "bare"),
+                   "l1_step_time_overhead": paired("lam=0", "lam=1e-4") - 1,
+                   "channels_last_vs_nchw": paired("channels_last", "lightning"),
+                   "pruned_channels_last_vs_nchw": paired("pruned channels_last", "pruned")},
+        "cpu": cpu_name(),
         "batches": args.batches, "torch_threads": torch.get_num_threads(),
     }
     (ROOT / "docs").mkdir(exist_ok=True)
@@ -144,6 +156,7 @@ def main() -> None:
     print(f"step time λ=1e-4 vs λ=0: {100 * result['l1_step_time_overhead']:+.2f}% "
           f"(the L1 call alone: {1e6 * result['l1_call_seconds']:.0f} µs = "
           f"{100 * result['l1_call_share_of_step']:.2f}% of a {1e3 * step_seconds:.0f} ms step)")
+    print("per-round ratios, median: " + ", ".join(f"{k} {v:.3f}" for k, v in result["paired"].items()))
     print(f"channels_last vs NCHW: unpruned {med['channels_last']:.0f} vs {med['lightning']:.0f} img/s "
           f"({result['channels_last_vs_nchw']:.2f}x); pruned widths {med['pruned channels_last']:.0f} vs "
           f"{med['pruned']:.0f} img/s ({result['pruned_channels_last_vs_nchw']:.2f}x)")
