@@ -43,7 +43,8 @@ class SlimModule(pl.LightningModule):
         model: an already built ``nn.Module`` to use instead of ``model_config`` (not saved in
             checkpoints; pass it again to ``load_from_checkpoint``).
         channels_last: train in NHWC memory format (conv weights and input batches): oneDNN's CPU convs
-            and cuDNN's tensor-core convs run faster in it. Numbers only, never shapes or results' meaning.
+            and cuDNN's tensor-core convs run faster in it. It changes the floating-point summation order,
+            never shapes or what is computed.
     """
 
     def __init__(self, model_config: dict, optim: dict, finetune: dict | None = None,
