@@ -32,7 +32,7 @@ from slimnet.module import SlimModule
 from slimnet.sparsity import add_l1_subgradient, bn_gammas
 
 ROOT = Path(__file__).resolve().parents[1]
-# Conv widths a default run keeps (README, "What a run produces"): the model the fine-tune phase trains.
+# Conv widths a real default run kept (seed 0, NCHW; its results.json): the model a fine-tune phase trains.
 PRUNED = {"arch": "vgg", "cfg": [24, "M", 52, "M", 63, 62, "M", 33, 86]}
 OPTIM = {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4, "nesterov": True, "schedule": "constant"}
 
