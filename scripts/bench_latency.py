@@ -160,9 +160,13 @@ def _pair_cells(row: dict) -> str:
             f"({row['speedup_p25']:.2f}–{row['speedup_p75']:.2f}) | **{row['efficiency']:.2f}**")
 
 
+def _min_speedup(row: dict) -> float:
+    """Speed-up from the fastest calls: another job can only add time, so min is the quiet machine."""
+    return row["a"]["min_ms"] / row["b"]["min_ms"]
+
+
 def _min_efficiency(row: dict) -> float:
-    """Efficiency from the fastest calls: another job can only add time, so min is the quiet machine."""
-    return row["a"]["min_ms"] / row["b"]["min_ms"] / row["flops_speedup"]
+    return _min_speedup(row) / row["flops_speedup"]
 
 
 def _by_backend(rows: list[dict]) -> dict[str, dict[int, dict]]:
@@ -202,7 +206,7 @@ def _bound_lines(bounds: list[dict], points: list[dict]) -> list[str]:
         ratio = bound["flops"][0] / bound["flops"][1]
         for backend, rows in _by_backend(bound["rows"]).items():
             row = rows[16]
-            quiet = row["a"]["min_ms"] / row["b"]["min_ms"]
+            quiet = _min_speedup(row)
             lines.append(f"| {bound['point']} {bound['widths']} | {ratio:.0f}× | {backend} | "
                          f"{row['a']['median_ms']:.2f} → {row['b']['median_ms']:.2f} | {row['speedup']:.2f}× | "
                          f"{quiet:.2f}× |")
