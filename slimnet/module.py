@@ -58,7 +58,8 @@ class SlimModule(pl.LightningModule):
             init_gammas(self.model, self.sparsity["gamma_init"])
         self.phase = SPARSE
         self.channels_last = channels_last
-        self._apply_memory_format()
+        if channels_last:  # surgery and plan replays keep each tensor's layout, so once is enough
+            self.model.to(memory_format=torch.channels_last)
         num_classes = model_config["num_classes"]
         self.criterion = nn.CrossEntropyLoss()
         metric = torchmetrics.classification.MulticlassAccuracy
@@ -78,13 +79,6 @@ class SlimModule(pl.LightningModule):
     def enter_finetune(self) -> None:
         """Called by the SlimmingCallback right after surgery: the next optimizers are fine-tune ones."""
         self.phase = FINETUNE
-        self._apply_memory_format()  # surgery's new convs come out NCHW
-
-    def _apply_memory_format(self) -> None:
-        # In place (Parameter objects are kept), so optimizers and DDP wrappers built later see the same
-        # parameters; run again whenever surgery or a plan replay has made new modules.
-        if self.channels_last:
-            self.model.to(memory_format=torch.channels_last)
 
     def phase_epochs(self) -> int:
         total = self.trainer.max_epochs
@@ -158,8 +152,7 @@ class SlimModule(pl.LightningModule):
         state = checkpoint.get("slimnet", {})
         self.phase = state.get("phase", SPARSE)
         if state.get("plan") and self.plan is None:
-            replay_plan(self.model, PrunePlan.from_json(state["plan"]))
-            self._apply_memory_format()
+            replay_plan(self.model, PrunePlan.from_json(state["plan"]))  # keeps the layout
         if self._trainer is not None and state.get("rng"):
             # Resuming a fit: continue the random streams (shuffling, augmentation) where the
             # checkpoint left them, so a resumed run retraces an uninterrupted one on CPU.

@@ -3,7 +3,8 @@
 Each module axis in the plan is cut with ``index_select``; the module's size attributes
 (``out_channels``, ``in_features``, ``num_features``, ``groups``…) are updated with the tensors, so the
 module still describes its weights. Parameters are replaced by new ``nn.Parameter`` objects that keep
-``requires_grad``; callers that hold an optimizer must rebuild it (``SlimModule`` does).
+``requires_grad`` and the memory format (an NHWC model stays NHWC); callers that hold an optimizer must
+rebuild it (``SlimModule`` does).
 
 A grouped conv keeps its ``groups``: every conv-group keeps the same number of inputs (and of outputs),
 so its weight ``(out, in/G, k, k)`` is cut block by block: output rows with ``index_select``, and in the
@@ -27,11 +28,21 @@ from torch.nn.modules.conv import _ConvNd
 from slimnet.plan import PrunePlan
 
 
+def _same_layout(data: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``data`` in ``like``'s memory format: ``index_select`` and ``gather`` return NCHW even from an NHWC
+    tensor, and a model trained or deployed channels-last should stay so after the cut."""
+    if like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last):
+        return data.contiguous(memory_format=torch.channels_last)
+    if like.dim() == 5 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last_3d):
+        return data.contiguous(memory_format=torch.channels_last_3d)
+    return data
+
+
 def _slice_param(module: nn.Module, name: str, index: torch.Tensor, dim: int) -> None:
     param = getattr(module, name, None)
     if param is None:
         return
-    data = param.data.index_select(dim, index.to(param.device))
+    data = _same_layout(param.data.index_select(dim, index.to(param.device)), param.data)
     if isinstance(param, nn.Parameter):
         setattr(module, name, nn.Parameter(data, requires_grad=param.requires_grad))
     else:  # a buffer
@@ -65,7 +76,7 @@ def _cut_conv(m: _ConvNd, kind: str, index: torch.Tensor) -> None:
         w = m.weight.data
         rows = w.view(m.groups, w.shape[0] // m.groups, *w.shape[1:])  # (G, out/G, in/G, *kernel)
         pick = local.view(m.groups, 1, -1, *([1] * (w.dim() - 2))).expand(-1, rows.shape[1], -1, *w.shape[2:])
-        data = rows.gather(2, pick).reshape(w.shape[0], local.shape[1], *w.shape[2:])
+        data = _same_layout(rows.gather(2, pick).reshape(w.shape[0], local.shape[1], *w.shape[2:]), w)
         m.weight = nn.Parameter(data, requires_grad=m.weight.requires_grad)
         m.in_channels = len(index)
     elif kind == "dw":  # depthwise: filter c reads channel c only

@@ -22,8 +22,10 @@ def _convs(model: nn.Module) -> list[nn.Conv2d]:
 
 
 def _nhwc(model: nn.Module) -> bool:
+    # a weight with one input channel per filter (depthwise) or a 1x1 kernel is both NCHW and NHWC
+    ambiguous = lambda w: w.shape[1] == 1 or w.shape[2:].numel() == 1  # noqa: E731
     return all(c.weight.is_contiguous(memory_format=torch.channels_last) and
-               not c.weight.is_contiguous() for c in _convs(model))
+               (ambiguous(c.weight) or not c.weight.is_contiguous()) for c in _convs(model))
 
 
 def test_module_is_nhwc_and_computes_what_nchw_computes():
@@ -44,9 +46,7 @@ def test_surgery_and_plan_replay_keep_nhwc():
             nn.init.uniform_(bn.weight)  # unequal γ, so the cut removes channels in every layer
     report = slimnet.prune(module.model, torch.randn(2, 3, 16, 16), percent=0.4)
     assert report["flops_after"] < report["flops_before"]
-    assert not _nhwc(module.model)  # surgery's new convs come out NCHW ...
-    module.enter_finetune()
-    assert _nhwc(module.model)  # ... and the fine-tune phase turns them back before its optimizer is built
+    assert _nhwc(module.model)  # surgery's sliced weights keep the NHWC layout
 
     checkpoint = {"state_dict": module.state_dict(), "slimnet": {"phase": "finetune",
                                                                  "plan": module.plan.to_json()}}
@@ -81,3 +81,38 @@ def test_pipeline_trains_nhwc_and_leaves_an_nchw_artifact(compose_cfg, tmp_path)
 def test_channels_last_changes_the_sparse_cache_key(compose_cfg):
     # another summation order trains another sparse phase: runs must not share it
     assert sparse_key(compose_cfg(*TINY, "channels_last=true")) != sparse_key(compose_cfg(*TINY, "channels_last=false"))
+
+
+class GroupedNet(nn.Module):
+    """A groups=2 conv (cut by a gather, not ``index_select``) feeding a depthwise conv."""
+
+    def __init__(self):
+        super().__init__()
+        def cbr(cin, cout, groups=1):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, groups=groups, bias=False),
+                                 nn.BatchNorm2d(cout), nn.ReLU())
+        self.a, self.b, self.d = cbr(3, 8), cbr(8, 8, groups=2), cbr(8, 8, groups=8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.d(self.b(self.a(x))).mean((2, 3)))
+
+
+def test_plain_prune_keeps_an_nhwc_model_nhwc():
+    """``slimnet.prune`` from plain PyTorch: an NHWC model comes out NHWC, every cut kind included."""
+    torch.manual_seed(0)
+    model = GroupedNet().eval().to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for bn, dead in ((model.a[1], [2, 5]), (model.b[1], [1, 6]), (model.d[1], [1, 6])):
+            bn.running_mean.normal_()
+            bn.weight[dead] = 0  # dead channels (γ = β = 0): the cut must not change the outputs
+            bn.bias.normal_()
+            bn.bias[dead] = 0
+    x = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = model(x)
+    slimnet.prune(model, x, thresh=1e-8)
+    assert [c.weight.shape[:2] for c in _convs(model)] == [(6, 3), (6, 3), (6, 1)]  # all three cut kinds ran
+    assert _nhwc(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref)
