@@ -28,13 +28,15 @@ from torch.nn.modules.conv import _ConvNd
 from slimnet.plan import PrunePlan
 
 
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}  # by tensor rank
+
+
 def _same_layout(data: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``data`` in ``like``'s memory format: ``index_select`` and ``gather`` return NCHW even from an NHWC
     tensor, and a model trained or deployed channels-last should stay so after the cut."""
-    if like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last):
-        return data.contiguous(memory_format=torch.channels_last)
-    if like.dim() == 5 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last_3d):
-        return data.contiguous(memory_format=torch.channels_last_3d)
+    fmt = _CHANNELS_LAST.get(like.dim())
+    if fmt is not None and not like.is_contiguous() and like.is_contiguous(memory_format=fmt):
+        return data.contiguous(memory_format=fmt)
     return data
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from conftest import TINY
+from test_graph import _cbr
 from pytorch_lightning import Callback
 from torch import nn
 
@@ -88,10 +89,7 @@ class GroupedNet(nn.Module):
 
     def __init__(self):
         super().__init__()
-        def cbr(cin, cout, groups=1):
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, groups=groups, bias=False),
-                                 nn.BatchNorm2d(cout), nn.ReLU())
-        self.a, self.b, self.d = cbr(3, 8), cbr(8, 8, groups=2), cbr(8, 8, groups=8)
+        self.a, self.b, self.d = _cbr(3, 8), _cbr(8, 8, groups=2), _cbr(8, 8, groups=8)
         self.fc = nn.Linear(8, 4)
 
     def forward(self, x):
