@@ -51,21 +51,34 @@ def _sliced_state(shadow: nn.Module, axes: dict, states: dict[str, dict], key: s
     return {pname: p.data for pname, p in stand_in._parameters.items() if p is not None}
 
 
-def carry_optimizer_state(old: torch.optim.Optimizer, new: torch.optim.Optimizer, before: ParamSnapshot,
-                          model: nn.Module, plan: PrunePlan) -> int:
+def carry_optimizer_state(old: torch.optim.Optimizer, new: torch.optim.Optimizer, model: nn.Module,
+                          report) -> int:
     """Give ``new`` (built over the cut ``model``) the state ``old`` held for the surviving channels.
 
     Args:
         old: the optimizer used before the cut.
         new: a fresh optimizer over the cut model's parameters (its hyper-parameters, e.g. the learning
             rate, are left as built).
-        before: ``ParamSnapshot(model)`` taken before the cut (``slimnet.prune``'s report keeps one).
-        model: the cut model.
-        plan: the plan of this cut (``report.pass_plan``).
+        model: the cut model (the one given to ``slimnet.prune``).
+        report: what ``slimnet.prune`` returned for this cut (it remembers the parameters before it).
 
     Returns:
         how many parameters received state.
+
+    Example::
+
+        report = slimnet.prune(model, x, percent=0.5)
+        new = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        slimnet.carry_optimizer_state(old, new, model, report)
     """
+    if getattr(report, "before", None) is None:
+        raise ValueError("carry_optimizer_state needs the report slimnet.prune returned for this cut")
+    return carry_state(old, new, report.before, model, report.pass_plan)
+
+
+def carry_state(old: torch.optim.Optimizer, new: torch.optim.Optimizer, before: ParamSnapshot,
+                model: nn.Module, plan: PrunePlan) -> int:
+    """``carry_optimizer_state`` from a ``ParamSnapshot`` taken before the cut and the cut's own plan."""
     now = dict(model.named_parameters())
     held_by_new = {id(p) for group in new.param_groups for p in group["params"]}
     by_module: dict[str, dict[str, tuple[nn.Parameter, nn.Parameter]]] = {}

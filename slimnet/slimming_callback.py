@@ -24,7 +24,7 @@ from slimnet.api import prune
 from slimnet.budget import threshold_for_flops
 from slimnet.checkpoint import PLAN_KEY, Slimmable
 from slimnet.graph import trace_channel_groups
-from slimnet.optim_state import ParamSnapshot, carry_optimizer_state
+from slimnet.optim_state import carry_optimizer_state
 from slimnet.plan import PrunePlan
 from slimnet.submodule import resolve_submodule, submodule_input
 from slimnet.surgery import replay_plan
@@ -124,18 +124,34 @@ class SlimmingCallback(Callback):
 
     # -- set-up: replay a saved cut, find the example input, fail before training ------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        target = resolve_submodule(pl_module, self.module, "SlimmingCallback")
-        if trainer.ckpt_path:
-            self._replay_from(trainer, target)
+        resolve_submodule(pl_module, self.module, "SlimmingCallback")  # a wrong name fails now
+        self._replay_before_weights_load(pl_module)
         if stage == "fit":
             self._inputs = self._example(pl_module)
 
-    def _replay_from(self, trainer: pl.Trainer, target: torch.nn.Module) -> None:
-        """Lightning loads the weights after ``setup``: cut the model to the saved widths first."""
-        checkpoint = trainer.strategy.checkpoint_io.load_checkpoint(trainer.ckpt_path)
-        state = checkpoint.get("callbacks", {}).get(self.state_key) or {}
-        if state.get(PLAN_KEY) and getattr(target, "slimnet_plan", None) is None:
-            replay_plan(target, PrunePlan.from_json(state[PLAN_KEY]))
+    def _replay_before_weights_load(self, pl_module: pl.LightningModule) -> None:
+        """Lightning restores a checkpoint's weights right after the module's ``on_load_checkpoint`` hook,
+        and no callback hook runs in between: so this instance's hook is wrapped to cut the model to the
+        saved widths first (undone in ``teardown``). The module's class is not touched."""
+        if getattr(pl_module.on_load_checkpoint, "_slimnet_replay", None) is self:
+            return
+        original = pl_module.on_load_checkpoint
+
+        def on_load_checkpoint(checkpoint: dict) -> None:
+            state = (checkpoint.get("callbacks") or {}).get(self.state_key) or {}
+            target = resolve_submodule(pl_module, self.module, "SlimmingCallback")
+            if state.get(PLAN_KEY) and getattr(target, "slimnet_plan", None) is None:
+                replay_plan(target, PrunePlan.from_json(state[PLAN_KEY]))
+            original(checkpoint)
+
+        on_load_checkpoint._slimnet_replay = self
+        on_load_checkpoint._slimnet_original = original
+        pl_module.on_load_checkpoint = on_load_checkpoint
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        hook = pl_module.__dict__.get("on_load_checkpoint")
+        if getattr(hook, "_slimnet_replay", None) is self:
+            del pl_module.on_load_checkpoint
 
     def _example(self, pl_module: pl.LightningModule) -> tuple:
         example = self.example_input if self.example_input is not None else pl_module.example_input_array
@@ -236,7 +252,6 @@ class SlimmingCallback(Callback):
             inputs = (self._fold_inputs.to(pl_module.device),)
         policy = {"thresh": self.thresh} if self.thresh is not None else {"percent": self.percent}
         old_optimizers = list(trainer.optimizers)
-        before = ParamSnapshot(target)
         with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             if self.target_flops is not None:
@@ -252,7 +267,7 @@ class SlimmingCallback(Callback):
         self._rebuild_training_state(trainer)
         if self.carry_optimizer_state:
             for old, new in zip(old_optimizers, trainer.optimizers):
-                carry_optimizer_state(old, new, before, target, report.pass_plan)
+                carry_optimizer_state(old, new, target, report)
         self._new_checkpoint_phase(trainer)
         out = report.to_dict()
         out.update(warnings=[str(w.message) for w in caught], policy=self.policy, module=self.module)
