@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from pathlib import Path
 
@@ -129,6 +130,9 @@ def build_module(cfg: DictConfig, facts: DataFacts) -> SlimModule:
     try:
         model = build_model(model_config)
     except (TypeError, ValueError) as err:
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+        if unknown:  # a builder taking **kwargs passed a typo on to the class
+            raise ConfigError(f"model.{unknown[1]} is not a setting of this model ({str(err).splitlines()[0]})") from None
         raise ConfigError(f"model: {str(err).splitlines()[0]}") from None
     num_classes = model_config.get("num_classes") or _output_classes(model, facts.example)
     if "num_classes" not in model.slimnet_config and facts.num_classes is None:
