@@ -55,12 +55,29 @@ def _subgradient(total_step: float) -> torch.Tensor:
     ("accumulate 2", ZeroLoss("SGD"), 2, {"accumulate_grad_batches": 2}, 2 * LR * LAM),  # once per step
     ("clipping", ZeroLoss("SGD"), 1, {"gradient_clip_val": 1e-6}, LR * LAM),  # never rescaled by it
     ("bf16-mixed", ZeroLoss("SGD"), 1, {"precision": "bf16-mixed"}, LR * LAM),
+    ("16-mixed", ZeroLoss("SGD"), 1, {"precision": "16-mixed"}, LR * LAM),  # after the scaler unscales
 ])
 def test_sgd_moves_gamma_by_the_paper_subgradient(name, module, steps, trainer_args, moved):
     # γ[3] crosses zero on the first step (the subgradient overshoots; the proximal step would not),
     # so after several steps its sign history matters: compare the three that keep their sign
     after = _gamma_after(module, steps, **trainer_args)
     torch.testing.assert_close(after[:3], _subgradient(moved)[:3], rtol=0, atol=1e-7)
+
+
+def test_an_amp_overflow_skips_the_l1_step_with_the_update():
+    """GradScaler skips optimizer.step() when the scaled gradients overflow: the L1 step goes with it.
+    (Lightning runs 16-mixed on CPU without a scaler, so the scaler is driven by hand here.)"""
+    module = ZeroLoss("SGD")
+    opt = module.configure_optimizers()
+    slimnet.attach_l1(opt, module, lam=LAM)
+    scaler = torch.amp.GradScaler("cpu")
+    for overflow, expected in ((True, START), (False, _subgradient(LR * LAM))):
+        opt.zero_grad()
+        loss = module.training_step((torch.randn(2, 3, 6, 6),), 0) + (module.bn.weight.sum() * 1e38 * overflow)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        torch.testing.assert_close(module.bn.weight.detach(), expected, rtol=0, atol=1e-7)
 
 
 @pytest.mark.parametrize("optimizer", ["AdamW", "Adam", "RMSprop"])
