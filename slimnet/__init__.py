@@ -37,7 +37,7 @@ _LAZY = {
 
 __all__ = ["prune", "prune_zeroed", "count_flops", "count_params", "save_pruned", "load_pruned", "trace_channel_groups",
            "PrunePlan", "PruneReport", "TraceError", "attach_l1", "add_l1_subgradient", "l1_proximal_step", "L1Step",
-           "carry_optimizer_state", *_LAZY]
+           "carry_optimizer_state", "SparsityCallback", "SlimmingCallback", "Slimmable", "load_checkpoint"]
 __version__ = "0.1.0"
 
 

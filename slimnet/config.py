@@ -114,7 +114,7 @@ def _check_target(where: str, section: DictConfig, skip=()) -> None:
 def check_model_and_data(cfg: DictConfig) -> None:
     """The model and data keys are the arguments of what they build: check them against its signature."""
     for where in ("data", "model"):
-        if OmegaConf.is_missing(cfg[where], "_target_") if "_target_" in cfg[where].keys() else False:
+        if OmegaConf.is_missing(cfg[where], "_target_"):  # data=custom without data._target_=
             raise ConfigError(f"{where}=custom needs {where}._target_=<dotted path>, e.g. "
                               + ("data._target_=mypkg.data.MyDataModule" if where == "data"
                                  else "model._target_=mypkg.nets.TinyCNN"))

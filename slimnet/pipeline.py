@@ -19,10 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from slimnet.api import layer_widths
-from slimnet.artifact import save_pruned
 from slimnet._locate import TargetImportError
 from slimnet._modes import preserved_modes
+from slimnet.api import layer_widths
+from slimnet.artifact import save_pruned
 from slimnet.callbacks import GammaMonitor, PhaseTimer, SlimmingCallback, SparsityCallback
 from slimnet.checkpoint_io import SafeCheckpointIO
 from slimnet.config import ConfigError, pruning_enabled, validate

@@ -171,3 +171,9 @@ def test_only_the_policy_used_is_recorded(compose_cfg, tmp_path):
     results = train(compose_cfg(*TINY, "+prune.thresh=0.3"), tmp_path)
     assert results["policy"] == "thresh" and results["prune"]["thresh"] == 0.3
     assert "percent" not in results["prune"] and "target_flops" not in results["prune"]
+
+
+@pytest.mark.parametrize("group", ["model", "data"])
+def test_custom_without_a_target_says_what_to_set(compose_cfg, tmp_path, group):
+    with pytest.raises(ConfigError, match=rf"{group}=custom needs {group}._target_="):
+        train(compose_cfg(f"{group}=custom", *SHORT), tmp_path)

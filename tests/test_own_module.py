@@ -14,7 +14,7 @@ import torch
 import slimnet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _own_module import CUT, EPOCHS, ShapesData, SlimmableUserModule, UserModule, fit  # noqa: E402
+from _own_module import CUT, ShapesData, SlimmableUserModule, UserModule, fit
 
 TESTS = Path(__file__).resolve().parent
 X = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(5))

@@ -15,7 +15,7 @@ MARKER = "<!-- tested: tests/test_readme.py runs this block -->"
 def _block() -> str:
     text = README.read_text()
     assert MARKER in text, "the README lost its tested example"
-    return re.search(r"```python\n(.*?)```", text[text.index(MARKER):], re.S)[1]
+    return re.search(r"```python\n(.*?)```", text[text.index(MARKER):], re.DOTALL)[1]
 
 
 def test_readme_callback_example_cuts_a_users_module(tmp_path, capsys):
