@@ -21,6 +21,7 @@ from slimnet.models import list_models
 from slimnet.models.build import DATA_ARGS
 from slimnet.models.registry import _MODELS
 from slimnet.schedules import OPTIMIZERS, SCHEDULES
+from slimnet.sparsity import KINDS
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 # Groups whose keys are slimnet's own: any key that none of the group's files in conf/ has is a typo.
@@ -167,6 +168,18 @@ def validate(cfg: DictConfig) -> None:
         value = cfg.sparsity[key]
         if not _number(value) or math.isnan(value) or value < 0:
             raise ConfigError(f"sparsity.{key}={value} must be a number >= 0")
+    kind = cfg.sparsity.get("kind", "l1")
+    if kind not in KINDS:
+        raise ConfigError(f"sparsity.kind={kind!r} is unknown; choose one of: {', '.join(KINDS)}")
+    target = cfg.sparsity.get("target")
+    if target is not None and (not _number(target) or not 0 < target < 1):
+        raise ConfigError(f"sparsity.target={target} must be in (0, 1): the share of BatchNorm channels to drive "
+                          "below sparsity.eps by the prune epoch (null: keep λ fixed)")
+    if target is not None and not cfg.sparsity.lam > 0:
+        raise ConfigError("sparsity.target needs sparsity.lam > 0 to start the λ controller from")
+    if kind == "polarization" and not (_number(cfg.sparsity.t) and cfg.sparsity.t > 0
+                                       and _number(cfg.sparsity.bound) and cfg.sparsity.bound > 0):
+        raise ConfigError("sparsity.t and sparsity.bound must be > 0 for polarization")
     if cfg.optim.name not in OPTIMIZERS:
         raise ConfigError(f"optim.name={cfg.optim.name!r} is unknown; choose one of: {', '.join(OPTIMIZERS)}")
     for where in ("optim", "finetune"):

@@ -71,7 +71,9 @@ def _callbacks(cfg: DictConfig, run_dir: Path, example_input: torch.Tensor,
         # The same callback a user adds to their own LightningModule: the L1 step on the network's γ.
         callbacks.append(SparsityCallback(lam=s.lam, lam_after=s.finetune_lam, module="model",
                                           until_epoch=p.epoch if pruning_enabled(cfg) else None,
-                                          gamma_init=s.gamma_init, log_stats=True))
+                                          gamma_init=s.gamma_init, log_stats=True, kind=s.get("kind", "l1"),
+                                          t=s.get("t", 1.2), bound=s.get("bound", 1.0), target=s.get("target"),
+                                          eps=s.get("eps", 1e-2)))
     if pruning_enabled(cfg):
         callbacks.append(SlimmingCallback(
             epoch=p.epoch, module="model", example_input=example_input, module_input=True, **_policy(cfg),
@@ -294,6 +296,7 @@ def _fit_and_report(cfg, run_dir, datamodule, module, example, ckpt_path, extra_
         if key not in policy:
             prune_cfg.pop(key, None)
     timer = next(cb for cb in callbacks if isinstance(cb, PhaseTimer))
+    sparsity = next((cb for cb in callbacks if isinstance(cb, SparsityCallback)), None)
     results = {
         "status": "ok",
         "val_acc": float(val_acc) if val_acc is not None else None,
@@ -308,6 +311,8 @@ def _fit_and_report(cfg, run_dir, datamodule, module, example, ckpt_path, extra_
         "prune": prune_cfg,
         "channels": {n: [widths_before[n], w] for n, w in widths_after.items()},
         "floored_layers": cut.get("floored", []),
+        "sparsity": {"kind": sparsity.kind, "target": sparsity.target, "eps": sparsity.eps,
+                     "history": sparsity.history} if sparsity is not None else None,
         "warnings": cut.get("warnings", []),
         "seconds": {**timer.seconds, "surgery": cut.get("surgery_seconds", 0.0), "fit": fit_seconds},
         "epochs_trained_here": dict(timer.epochs_here),

@@ -40,7 +40,8 @@ def sparse_key(cfg: DictConfig) -> str:
     """The hash naming a sparse phase: equal keys train bit-identical sparse phases on the same machine."""
     recipe = {name: OmegaConf.to_container(cfg[name], resolve=True) for name in ("data", "model", "optim")}
     recipe["data"].pop("num_workers", None)
-    recipe["sparsity"] = {"lam": cfg.sparsity.lam, "gamma_init": cfg.sparsity.gamma_init}
+    recipe["sparsity"] = {k: v for k, v in OmegaConf.to_container(cfg.sparsity, resolve=True).items()
+                          if k != "finetune_lam"}  # what happens after the prune epoch is not the sparse phase
     recipe["trainer"] = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()
                          if k not in _TRAINER_IGNORED}
     recipe.update(seed=cfg.seed, prune_epoch=cfg.prune.epoch, code=code_version(),

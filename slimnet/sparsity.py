@@ -1,4 +1,13 @@
-"""The sparsity term of Network Slimming: an L1 penalty λ·Σ|γ| on every BatchNorm scale γ.
+"""The sparsity term of Network Slimming: a penalty λ·R(γ) on every BatchNorm scale γ.
+
+Two regularizers R (``kind``):
+
+- ``"l1"``: R = Σ|γ| (Liu et al. 2017), subgradient sign(γ). It pulls *every* γ towards 0.
+- ``"polarization"``: R = t·Σ|γ| − Σ|γ − mean(γ)| with γ kept in [0, a] (Zhuang et al., NeurIPS 2020).
+  The second term pushes γ away from their mean, so they split into a cluster at 0 and one away from
+  it, and any threshold between the clusters cuts the same channels. Subgradient:
+  t·sign(γᵢ) − sign(γᵢ − γ̄) + mean_j sign(γⱼ − γ̄) (γ̄ depends on every γ), over all the γ penalised
+  together; after each step γ is clamped to [0, a].
 
 Liu et al. 2017 add λ·sign(γ) to each γ gradient after backward and before the optimizer step
 (``updateBN`` in Eric-mingjie/network-slimming). Done that way inside a modern training loop, the term
@@ -12,7 +21,8 @@ accumulation, and it is skipped whenever the step is (an AMP overflow):
   extra term is added after the update to the momentum buffer and to γ. Clipping never scales it.
 - ``"proximal"`` (every other optimizer): after the update, γ ← sign(γ)·max(|γ| − lr·λ, 0), the
   proximal step of lr·λ·|γ| (soft-thresholding, as decoupled weight decay is for L2). γ reaches exactly 0
-  and stays there instead of oscillating around it.
+  and stays there instead of oscillating around it. Polarization has no such closed form: there the
+  step is decoupled, γ ← γ − lr·λ·∂R(γ) after the update, then the clamp.
 
 ``mode="auto"`` picks the first for ``torch.optim.SGD`` and the second for anything else.
 
@@ -30,6 +40,48 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 MODES = ("auto", "subgradient", "proximal")
+KINDS = ("l1", "polarization")
+
+
+class Penalty:
+    """A regularizer on γ: its subgradient direction ∂R/∂γ and what to enforce after each step."""
+
+    kind = "l1"
+
+    def direction(self, gammas: list[torch.Tensor]) -> list[torch.Tensor]:
+        return torch._foreach_sign(gammas)
+
+    def project(self, gammas: list[torch.Tensor]) -> None:
+        pass
+
+
+class Polarization(Penalty):
+    """R(γ) = t·Σ|γ| − Σ|γ − mean(γ)|, γ ∈ [0, bound] (Zhuang et al. 2020, eq. 2; their CIFAR code
+    clamps γ to [0, 1] and uses t around 1.0–1.4)."""
+
+    kind = "polarization"
+
+    def __init__(self, t: float = 1.2, bound: float = 1.0):
+        if not t > 0 or not bound > 0:
+            raise ValueError(f"polarization needs t > 0 and bound > 0, got t={t}, bound={bound}")
+        self.t, self.bound = float(t), float(bound)
+
+    def direction(self, gammas: list[torch.Tensor]) -> list[torch.Tensor]:
+        flat = torch.cat([g.detach().reshape(-1) for g in gammas])
+        away = torch.sign(flat - flat.mean())
+        d = self.t * torch.sign(flat) - away + away.mean()  # the mean's own dependence on each γ
+        return [part.view_as(g) for part, g in zip(d.split([g.numel() for g in gammas]), gammas)]
+
+    @torch.no_grad()
+    def project(self, gammas: list[torch.Tensor]) -> None:
+        for g in gammas:
+            g.clamp_(0.0, self.bound)
+
+
+def make_penalty(kind: str = "l1", t: float = 1.2, bound: float = 1.0) -> Penalty:
+    if kind not in KINDS:
+        raise ValueError(f"sparsity kind {kind!r} is unknown; choose one of: {', '.join(KINDS)}")
+    return Polarization(t, bound) if kind == "polarization" else Penalty()
 
 
 def bn_gammas(model: nn.Module) -> list[nn.Parameter]:
@@ -79,22 +131,24 @@ def resolve_mode(optimizer: torch.optim.Optimizer, mode: str) -> str:
     return mode
 
 
-class L1Step:
-    """The L1 step on ``gammas``, applied at every ``optimizer.step()`` through the optimizer's hooks.
+class SparsityStep:
+    """The sparsity step on ``gammas``, applied at every ``optimizer.step()`` through the optimizer's hooks.
 
     Args:
         optimizer: the optimizer that updates the γ (γ it does not hold get a warning, not a step).
         gammas: the BatchNorm γ to penalise (``bn_gammas(model)``).
         lam: λ, or a function returning the current λ (a schedule; 0 turns the step off).
         mode: ``"auto"``, ``"subgradient"`` (SGD only) or ``"proximal"``; see the module docstring.
+        penalty: the regularizer (default L1; ``Polarization(t, bound)``).
 
     ``remove()`` detaches it. ``last_lam`` is the λ of the last step taken.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, gammas: Iterable[torch.Tensor],
-                 lam: float | Callable[[], float], mode: str = "auto"):
+                 lam: float | Callable[[], float], mode: str = "auto", penalty: Penalty | None = None):
         self.optimizer = optimizer
         self.mode = resolve_mode(optimizer, mode)
+        self.penalty = penalty or Penalty()
         self.lam = lam if callable(lam) else (lambda value=float(lam): value)
         self.last_lam = 0.0
         self._pending: tuple | None = None
@@ -132,7 +186,11 @@ class L1Step:
         if lam == 0 or not self._groups:
             self._pending = None
             return
-        signs = [torch._foreach_sign(mine) for _, mine in self._groups]
+        flat = self.penalty.direction([p for _, mine in self._groups for p in mine])  # one γ̄ over all
+        signs, start = [], 0
+        for _, mine in self._groups:
+            signs.append(flat[start:start + len(mine)])
+            start += len(mine)
         fresh = [[optimizer.state.get(p, {}).get("momentum_buffer") is None for p in mine] for _, mine in self._groups]
         self._pending = (lam, signs, fresh)
 
@@ -146,11 +204,14 @@ class L1Step:
             stepped = [i for i, p in enumerate(mine) if p.grad is not None]  # no gradient, no update
             if not stepped:
                 continue
-            if self.mode == "proximal":
-                l1_proximal_step([mine[i] for i in stepped], lam, group["lr"])
+            params, dirs = [mine[i] for i in stepped], [sign[i] for i in stepped]
+            if self.mode == "proximal" and self.penalty.kind == "l1":
+                l1_proximal_step(params, lam, group["lr"])
+            elif self.mode == "proximal":  # decoupled: no closed-form proximal step for polarization
+                torch._foreach_add_(params, dirs, alpha=-group["lr"] * lam)
             else:
-                self._sgd_extra(optimizer, group, [mine[i] for i in stepped], [sign[i] for i in stepped],
-                                [first[i] for i in stepped], lam)
+                self._sgd_extra(optimizer, group, params, dirs, [first[i] for i in stepped], lam)
+            self.penalty.project(params)
 
     @staticmethod
     def _sgd_extra(optimizer, group: dict, params, signs, first, lam: float) -> None:
@@ -173,9 +234,18 @@ class L1Step:
             p.add_(s, alpha=-lr * k_upd * lam)
 
 
+L1Step = SparsityStep  # the default penalty is L1
+
+
+def attach_sparsity(optimizer: torch.optim.Optimizer, model: nn.Module, lam: float | Callable[[], float],
+                    kind: str = "l1", mode: str = "auto", t: float = 1.2, bound: float = 1.0) -> SparsityStep:
+    """Penalise every BatchNorm γ of ``model`` with λ·R(γ) (``kind``: l1 | polarization) at each step."""
+    return SparsityStep(optimizer, bn_gammas(model), lam, mode, make_penalty(kind, t, bound))
+
+
 def attach_l1(optimizer: torch.optim.Optimizer, model: nn.Module, lam: float | Callable[[], float],
-              mode: str = "auto") -> L1Step:
-    """Penalise every BatchNorm γ of ``model`` with λ·|γ| at each ``optimizer.step()``; see ``L1Step``.
+              mode: str = "auto") -> SparsityStep:
+    """Penalise every BatchNorm γ of ``model`` with λ·|γ| at each ``optimizer.step()``; see ``SparsityStep``.
 
     Example (a hand-written loop)::
 
@@ -184,7 +254,7 @@ def attach_l1(optimizer: torch.optim.Optimizer, model: nn.Module, lam: float | C
         for x, y in loader:
             opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
     """
-    return L1Step(optimizer, bn_gammas(model), lam, mode)
+    return SparsityStep(optimizer, bn_gammas(model), lam, mode)
 
 
 @torch.no_grad()

@@ -13,14 +13,18 @@ import math
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 
-from slimnet.sparsity import MODES, L1Step, bn_gammas, gamma_stats, init_gammas
+from slimnet.lam_controller import LamController
+from slimnet.sparsity import KINDS, MODES, SparsityStep, bn_gammas, gamma_stats, init_gammas, make_penalty
 from slimnet.submodule import resolve_submodule
 
 log = logging.getLogger(__name__)
 
 
 class SparsityCallback(Callback):
-    """Penalise λ·Σ|γ| over every BatchNorm γ, at every optimizer step, in any LightningModule.
+    """Penalise λ·R(γ) over every BatchNorm γ, at every optimizer step, in any LightningModule.
+
+    R is the paper's L1 (``kind="l1"``) or the polarization regularizer (``kind="polarization"``,
+    Zhuang et al. 2020), which splits γ into a cluster at 0 and one away from it.
 
     The step is taken through the optimizer's own step hooks, so it is exact under gradient accumulation,
     gradient clipping (which never rescales it), AMP (skipped with the step on an overflow) and fused
@@ -40,9 +44,18 @@ class SparsityCallback(Callback):
         lam_after: λ after ``until_epoch`` (0: plain fine-tuning, as in the paper).
         module: dotted name of the sub-module whose BatchNorm γ are penalised (``"backbone"``);
             None: the whole LightningModule.
-        mode: ``"auto"`` (subgradient for SGD, proximal otherwise), ``"subgradient"`` or ``"proximal"``.
+        mode: ``"auto"`` (subgradient for SGD, proximal otherwise; proximal for every optimizer when
+            ``target`` is set), ``"subgradient"`` or ``"proximal"``.
         gamma_init: set every γ to this when a fit starts from scratch (the paper uses 0.5); None leaves
             them. Never applied when resuming from a checkpoint.
+        kind: ``"l1"`` or ``"polarization"``.
+        t, bound: polarization's weight of the L1 term and the upper clamp of γ (ignored for L1).
+        target: a share of BatchNorm channels in (0, 1) to drive below ``eps`` by ``until_epoch``: λ is
+            then adjusted after every step, starting from ``lam`` (see ``slimnet.lam_controller``);
+            None keeps λ fixed. The controller counts γ that are (near) zero, so ``mode="auto"`` takes
+            the proximal step then: it sets γ exactly to 0, while the paper's subgradient leaves them
+            oscillating around 0 by about lr·λ/(1 − momentum), which can stay above ``eps`` for ever.
+        eps: what counts as a zero γ for ``target`` and for the logged share.
         log_stats: log ``sparsity/lam``, ``sparsity/l1``, ``sparsity/mean`` and ``sparsity/frac_small``
             (share of |γ| < 0.01) every epoch.
 
@@ -59,7 +72,8 @@ class SparsityCallback(Callback):
 
     def __init__(self, lam: float, until_epoch: int | None = None, lam_after: float = 0.0,
                  module: str | None = None, mode: str = "auto", gamma_init: float | None = None,
-                 log_stats: bool = True):
+                 log_stats: bool = True, kind: str = "l1", t: float = 1.2, bound: float = 1.0,
+                 target: float | None = None, eps: float = 1e-2):
         for name, value in (("lam", lam), ("lam_after", lam_after)):
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"SparsityCallback: {name}={value!r} must be a finite number >= 0")
@@ -67,11 +81,24 @@ class SparsityCallback(Callback):
             raise ValueError(f"SparsityCallback: mode={mode!r} is unknown; choose one of: {', '.join(MODES)}")
         if until_epoch is not None and until_epoch < 0:
             raise ValueError(f"SparsityCallback: until_epoch={until_epoch} must be >= 0 or None")
+        if kind not in KINDS:
+            raise ValueError(f"SparsityCallback: kind={kind!r} is unknown; choose one of: {', '.join(KINDS)}")
+        if target is not None and not (isinstance(target, (int, float)) and 0 < target < 1):
+            raise ValueError(f"SparsityCallback: target={target!r} must be in (0, 1) (a share of BatchNorm channels)")
+        if target is not None and not lam > 0:
+            raise ValueError("SparsityCallback: target= needs a starting lam > 0")
+        self.penalty = make_penalty(kind, t, bound)
+        if target is not None and mode == "auto":
+            mode = "proximal"
+        self.kind, self.target, self.eps = kind, target, eps
+        self.controller: LamController | None = None
         self.lam, self.until_epoch, self.lam_after = float(lam), until_epoch, float(lam_after)
         self.module, self.mode, self.gamma_init, self.log_stats = module, mode, gamma_init, log_stats
-        self._steps: list[L1Step] = []
+        self._steps: list[SparsityStep] = []
         self._hooked: list[int] = []
         self._trainer: pl.Trainer | None = None
+        self._controller_state: dict | None = None
+        self.history: list[dict] = []  # per epoch: λ and the γ statistics (frac_small = share below eps)
 
     @property
     def state_key(self) -> str:
@@ -79,7 +106,9 @@ class SparsityCallback(Callback):
 
     def current_lam(self) -> float:
         epoch = self._trainer.current_epoch if self._trainer is not None else 0
-        return self.lam if self.until_epoch is None or epoch < self.until_epoch else self.lam_after
+        if self.until_epoch is not None and epoch >= self.until_epoch:
+            return self.lam_after
+        return self.controller.lam if self.controller is not None else self.lam
 
     # -- hooks --------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -98,7 +127,18 @@ class SparsityCallback(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._trainer = trainer
+        if self.target is not None and self.controller is None:
+            epochs = self.until_epoch if self.until_epoch is not None else trainer.max_epochs
+            per_epoch = trainer.estimated_stepping_batches / max(trainer.max_epochs, 1)
+            self.controller = LamController(self.target, self.lam, round(per_epoch * epochs), eps=self.eps)
+            if self._controller_state:
+                self.controller.load_state_dict(self._controller_state)
         self._attach(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        sparse = self.until_epoch is None or trainer.current_epoch < self.until_epoch
+        if self.controller is not None and sparse and (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
+            self.controller.update([g for step in self._steps for _, mine in step._groups for g in mine])
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if [id(o) for o in trainer.optimizers] != self._hooked:  # rebuilt, e.g. after a cut
@@ -108,11 +148,13 @@ class SparsityCallback(Callback):
         self._detach()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.log_stats:
-            return
-        stats = gamma_stats(resolve_submodule(pl_module, self.module, "SparsityCallback"))
-        pl_module.log_dict({f"sparsity/{k}": v for k, v in stats.items()}, sync_dist=False)
-        pl_module.log("sparsity/lam", self.current_lam())
+        stats = gamma_stats(resolve_submodule(pl_module, self.module, "SparsityCallback"), small=self.eps)
+        lam = self.lam_after if self.until_epoch is not None and trainer.current_epoch >= self.until_epoch else (
+            self.controller.lam if self.controller is not None else self.lam)  # the λ this epoch ended with
+        self.history.append({"epoch": trainer.current_epoch, "lam": lam, **stats})
+        if self.log_stats:
+            pl_module.log_dict({f"sparsity/{k}": v for k, v in stats.items()}, sync_dist=False)
+            pl_module.log("sparsity/lam", lam)  # the controller's λ, when it drives it
 
     # -- work ---------------------------------------------------------------------------------------
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -126,7 +168,7 @@ class SparsityCallback(Callback):
             mine = [g for g in gammas if id(g) in held and id(g) not in owned]
             if mine:
                 owned.update(id(g) for g in mine)
-                self._steps.append(L1Step(optimizer, mine, self.current_lam, self.mode))
+                self._steps.append(SparsityStep(optimizer, mine, self.current_lam, self.mode, self.penalty))
         self._hooked = [id(o) for o in trainer.optimizers]
         missing = len(gammas) - len(owned)
         if missing:
@@ -142,7 +184,10 @@ class SparsityCallback(Callback):
         self._steps, self._hooked = [], []
 
     def state_dict(self) -> dict:
-        return {"lam": self.lam, "until_epoch": self.until_epoch, "lam_after": self.lam_after}
+        return {"lam": self.lam, "until_epoch": self.until_epoch, "lam_after": self.lam_after, "kind": self.kind,
+                "controller": self.controller.state_dict() if self.controller is not None else None,
+                "history": self.history}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        pass  # nothing changes during a fit; the saved values document the run
+        self._controller_state = state_dict.get("controller")  # a resumed run goes on with the λ it had
+        self.history = list(state_dict.get("history", []))
