@@ -19,9 +19,9 @@ from torch.nn.modules.conv import _ConvNd
 from slimnet._modes import preserved_modes
 from slimnet.fold import InputStats, fold_removed_inputs
 from slimnet.graph import ChannelGraph, trace_channel_groups
-from slimnet.measure import count_flops
+from slimnet.measure import count_flops, count_params, flops_from_uses, weight_uses
 from slimnet.plan import PlanDecision, PrunePlan, decide, groups_summary
-from slimnet.surgery import apply_plan
+from slimnet.surgery import apply_plan, check_plan, transaction
 
 
 def layer_widths(model: nn.Module) -> dict[str, int]:
@@ -93,27 +93,20 @@ def prune(
                        leaf_modules=leaf_modules, caller="prune")
 
 
-def _batch_size(example_inputs) -> int:
-    first = example_inputs if isinstance(example_inputs, torch.Tensor) else example_inputs[0]
-    return first.shape[0] if isinstance(first, torch.Tensor) and first.dim() > 0 else 1
-
-
 @torch.no_grad()
-def _measure(model: nn.Module, example_inputs, record: bool, stats_inputs=None) -> tuple[int, int, InputStats]:
-    """FLOPs and params (batch of one, as ``count_flops``) and, if ``record``, each layer's input
-    statistics in eval mode over ``stats_inputs`` (default: the whole example batch; when that is one
-    sample, the FLOP-count forward records them, so no extra forward runs)."""
+def _record_inputs(model: nn.Module, inputs) -> InputStats:
+    """Each layer's input statistics in eval mode over ``inputs``: the one real forward folding needs."""
     stats = InputStats(model)
-    shared = stats_inputs is None and _batch_size(example_inputs) == 1
-    with stats.recording(enabled=record and shared):
-        flops, params = count_flops(model, example_inputs)
-    if record and not shared:
-        inputs = example_inputs if stats_inputs is None else stats_inputs
-        inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
-        with stats.recording(), preserved_modes(model):
-            model.eval()
-            model(*inputs)
-    return flops, params, stats
+    inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+    with stats.recording(), preserved_modes(model):
+        model.eval()
+        model(*inputs)
+    return stats
+
+
+def _flops(model: nn.Module, example_inputs, uses: dict[str, int] | None) -> int:
+    """The report's FLOPs: on shapes (``measure.weight_uses``) when the forward allows, else counted."""
+    return flops_from_uses(model, uses) if uses is not None else count_flops(model, example_inputs)[0]
 
 
 def run_surgery(
@@ -133,7 +126,10 @@ def run_surgery(
     that look at activations), over ``stats_inputs`` if given, else over ``example_inputs``.
     """
     clock = _Clock()
-    flops_before, params_before, stats = _measure(model, example_inputs, measure_inputs, stats_inputs)
+    uses = weight_uses(model, example_inputs)  # positions per layer: FLOPs before and after, on shapes
+    flops_before, params_before = _flops(model, example_inputs, uses), count_params(model)
+    stats = _record_inputs(model, example_inputs if stats_inputs is None else stats_inputs) if (
+        measure_inputs) else InputStats(model)
     widths_before = layer_widths(model)
     clock.lap("measure")
     with preserved_modes(model):
@@ -145,15 +141,18 @@ def run_surgery(
         plan = decision.plan
         clock.lap("plan")
         folded = []
-        if fold_bias and plan:
-            result = fold_removed_inputs(model, graph, plan, stats)
-            plan.add_bias, folded = result.new_bias, result.folded
-        clock.lap("fold")
-        apply_plan(model, plan)
+        check_plan(model, plan)  # all or nothing: before folding changes a bias
+        touched = [*plan.keep, *(graph.norm_after[n] for n in plan.keep if n in graph.norm_after)]
+        with transaction(model, touched):
+            if fold_bias and plan:
+                result = fold_removed_inputs(model, graph, plan, stats)
+                plan.add_bias, folded = result.new_bias, result.folded
+            clock.lap("fold")
+            apply_plan(model, plan)
         clock.lap("cut")
     previous = current_plan(model)
     model.slimnet_plan = previous.then(plan) if previous is not None else plan
-    flops_after, params_after = count_flops(model, example_inputs)
+    flops_after, params_after = _flops(model, example_inputs, uses), count_params(model)
     widths_after = layer_widths(model)
     clock.lap("measure_after")
     return {
@@ -167,8 +166,8 @@ def run_surgery(
         "floored": decision.floored,
         "warnings": graph.warnings,
         "folded": folded,
-        # wall time per step; "surgery" is trace + plan + fold + cut (the two measure steps count FLOPs
-        # for this report, and the first also records the inputs folding needs)
+        # wall time per step; "surgery" is trace + plan + fold + cut (the measure steps count FLOPs on
+        # shapes for this report, and the first also records the inputs folding needs: one real forward)
         "seconds": {**clock.laps, "surgery": sum(clock.laps[k] for k in ("trace", "plan", "fold", "cut"))},
         "plan": model.slimnet_plan,
     }

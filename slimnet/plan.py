@@ -167,18 +167,19 @@ def decide(
               "min_channels": min_channels, "round_to": round_to}
     if thresh is None:
         thresh = threshold_for_percent(all_gammas(graph, model), percent)
-    kept, floored = {}, []
+    counts, floored = {}, []
     for gid, score in scores.items():
         blocks = graph.groups[gid].blocks
         strong = score > thresh
         n_strong = int(strong.sum())
         # equal blocks (a grouped conv's groups) keep as many as the block with the most strong channels
         n_need = n_strong if blocks == 1 else int(strong.view(blocks, -1).sum(1).max()) * blocks
-        n_keep = _keep_count(n_need, len(score), min_channels, round_to, blocks)
-        if n_keep > n_need and n_strong < min(min_channels, len(score)):
+        counts[gid] = _keep_count(n_need, len(score), min_channels, round_to, blocks)
+        if counts[gid] > n_need and n_strong < min(min_channels, len(score)):
             floored.append(graph.groups[gid].describe())
-        if n_keep < len(score):
-            kept[gid] = _strongest(score, n_keep, blocks)  # the strongest n_keep, in original order
+    counts = _tied_counts(graph, counts, round_to)
+    kept = {gid: _strongest(scores[gid], n, graph.groups[gid].blocks)  # the strongest n, in original order
+            for gid, n in counts.items() if n < len(scores[gid])}
     if floored:
         warnings.warn(
             f"prune: {len(floored)} layer group(s) had fewer than min_channels={min_channels} channels "
@@ -190,6 +191,48 @@ def decide(
                           "everything it could and every layer is at min_channels", stacklevel=2)
     plan = plan_for(graph, kept, threshold=thresh, policy=policy)
     return PlanDecision(plan=plan, threshold=thresh, kept=kept, floored=floored)
+
+
+def _tied_counts(graph: ChannelGraph, counts: dict[int, int], round_to: int) -> dict[int, int]:
+    """Counts that honour the graph's ties (kept / k equal across a tie): each tie keeps, per k, the most
+    any member needs, stepped so every member stays a multiple of its blocks and ``round_to``; a tie
+    with a member that has no count (nothing ranks it, or kept whole) keeps every member whole. Counts
+    only grow, so repeating until nothing changes settles groups that sit in several ties."""
+    counts = dict(counts)
+    changed = True
+    while changed:
+        changed = False
+        for tie in graph.ties:
+            groups = [graph.groups[g] for g, _ in tie]
+            if any(g not in counts for g, _ in tie):
+                changed |= any(counts.pop(g, None) is not None for g, _ in tie)  # absent = kept whole
+                continue
+            step = 1
+            for (g, k), group in zip(tie, groups):
+                need = math.lcm(group.blocks, round_to)  # kept(g) = t * k must be a multiple of this
+                step = math.lcm(step, need // math.gcd(need, k))
+            per_k = max(math.ceil(counts[g] / k) for g, k in tie)
+            per_k = min(math.ceil(per_k / step) * step, min(group.size // k for (_, k), group in zip(tie, groups)))
+            for (g, k), group in zip(tie, groups):
+                if per_k * k >= group.size:  # kept whole: absent, like a group nothing ranks
+                    changed |= counts.pop(g, None) is not None
+                elif counts[g] != per_k * k:
+                    counts[g], changed = per_k * k, True
+    return counts
+
+
+def drop_untied(graph: ChannelGraph, kept: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """``kept`` without the cuts that break a tie (members keeping different counts per k): those
+    groups are left whole, so a plan made without ranking (``prune_zeroed``) stays consistent."""
+    kept = dict(kept)
+    changed = True
+    while changed:
+        changed = False
+        for tie in graph.ties:
+            per_k = {len(kept[g]) // k if g in kept and len(kept[g]) % k == 0 else None for g, k in tie}
+            if len(per_k) > 1 or None in per_k and any(g in kept for g, _ in tie):
+                changed |= any(kept.pop(g, None) is not None for g, _ in tie)
+    return kept
 
 
 def plan_for(graph: ChannelGraph, kept: dict[int, torch.Tensor], *, threshold: float | None = None,
