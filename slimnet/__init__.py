@@ -14,8 +14,9 @@ from slimnet.artifact import load_pruned, save_pruned
 from slimnet.graph import TraceError, trace_channel_groups
 from slimnet.measure import count_flops, count_params
 from slimnet.plan import PrunePlan
+from slimnet.reach import Reach, reach
 from slimnet.zeroed import prune_zeroed
 
 __all__ = ["prune", "prune_zeroed", "count_flops", "count_params", "save_pruned", "load_pruned", "trace_channel_groups",
-           "PrunePlan", "TraceError"]
+           "PrunePlan", "TraceError", "reach", "Reach"]
 __version__ = "0.1.0"

@@ -292,11 +292,35 @@ def _trace(model: nn.Module, leaf_types: tuple[type, ...]) -> fx.Graph:
                 where = f" in {frame[len('forward of '):]}"
                 break
         raise TraceError(
-            f"torch.fx could not trace {type(model).__name__}{where}: {type(err).__name__}: {err}. "
-            "Hint: data-dependent Python control flow defeats symbolic tracing; pass that submodule's "
-            "class in leaf_modules=[...] so it is kept whole, or rewrite the branch with torch.where."
-        ) from err
+            f"torch.fx could not trace {type(model).__name__}{where}: {type(err).__name__}: "
+            f"{_first_line(err)}") from err
     return graph
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:300] if text else type(err).__name__
+
+
+def _capture(model: nn.Module, leaf_types: tuple[type, ...], example_inputs: tuple) -> tuple[fx.Graph, dict]:
+    """The forward as a graph with module targets, and each node's shape: ``torch.fx`` symbolic tracing
+    first (10-30 ms), ``torch.export`` when that fails (0.2-3 s; it specialises shape checks and unpacks
+    ``*args``), a :class:`TraceError` naming both causes when neither can."""
+    try:
+        graph = _trace(model, leaf_types)
+    except TraceError as fx_err:
+        from slimnet.capture import export_graph  # only needed for forwards fx cannot read
+
+        try:
+            return export_graph(model, example_inputs, NORM_TYPES)
+        except Exception as export_err:  # noqa: BLE001 - export raises many types; report its own words
+            raise TraceError(
+                f"cannot capture {type(model).__name__}'s forward. {fx_err} And torch.export failed: "
+                f"{type(export_err).__name__}: {_first_line(export_err)}. Hint: pass the classes of the "
+                "submodules these name in leaf_modules=[...] so they are kept whole (fx then traces around "
+                "them), or rewrite data-dependent branches with torch.where."
+            ) from export_err
+    return graph, _shapes(model, graph, example_inputs)
 
 
 def _frames(tb) -> list[str]:
@@ -917,20 +941,19 @@ def _as_batch_of_two(example_inputs) -> tuple:
 
 
 def trace_channel_groups(model: nn.Module, example_inputs, leaf_modules=()) -> ChannelGraph:
-    """Trace ``model`` with ``torch.fx`` and return its channel groups.
+    """Trace ``model`` (``torch.fx``, else ``torch.export``) and return its channel groups.
 
     Args:
-        model: any ``nn.Module`` whose forward ``torch.fx.symbolic_trace`` can capture.
+        model: any ``nn.Module`` whose forward ``torch.fx`` or ``torch.export`` can capture.
         example_inputs: a tensor or tuple of tensors the model accepts (shapes matter, values do not).
         leaf_modules: module classes to keep as black boxes (their channels are left whole).
 
     Raises:
-        TraceError: the forward cannot be traced; the message names the module and what to do.
+        TraceError: neither way can capture the forward; the message names both causes and what to do.
     """
     with preserved_modes(model):
         model.train()  # the train-mode graph includes auxiliary heads that also consume channels
-        graph = _trace(model, tuple(leaf_modules))
-        shapes = _shapes(model, graph, _as_batch_of_two(example_inputs))
+        graph, shapes = _capture(model, tuple(leaf_modules), _as_batch_of_two(example_inputs))
     analysis = _Analysis(model, graph, shapes)
     analysis.run()
     return analysis.result()
