@@ -13,12 +13,11 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from slimnet._modes import preserved_modes
 from slimnet.fold import InputStats, fold_removed_inputs
-from slimnet.graph import ChannelGraph, trace_channel_groups
+from slimnet.graph import NORM_TYPES, ChannelGraph, trace_channel_groups
 from slimnet.measure import count_flops, count_params, flops_from_uses, weight_uses
 from slimnet.plan import PlanDecision, PrunePlan, decide, groups_summary
 from slimnet.surgery import apply_plan, check_plan, transaction
@@ -32,8 +31,8 @@ def layer_widths(model: nn.Module) -> dict[str, int]:
             widths[name] = m.out_channels
         elif isinstance(m, nn.Linear):
             widths[name] = m.out_features
-        elif isinstance(m, _BatchNorm):
-            widths[name] = m.num_features
+        elif isinstance(m, NORM_TYPES):
+            widths[name] = m.weight.shape[0] if getattr(m, "weight", None) is not None else m.num_features
     return widths
 
 
@@ -77,7 +76,7 @@ def prune(
     Raises:
         ValueError: the model has no BatchNorm (nothing to slim), or the policy is invalid.
     """
-    if not any(isinstance(m, _BatchNorm) for m in model.modules()):
+    if not any(isinstance(m, NORM_TYPES) for m in model.modules()):
         norms = sorted({type(m).__name__ for m in model.modules() if "Norm" in type(m).__name__})
         raise ValueError(
             f"nothing to slim: {type(model).__name__} has no BatchNorm layer, so there is no γ to rank "
