@@ -448,7 +448,14 @@ def _markdown(speed: list[dict], accuracy: dict | None, meta: dict, thirdparty: 
             lines.append(f"| {r['model']} | {r['size']} | {r['bn_reach']:.0%} | {r['flops_reach']:.0%} | "
                          f"{r['frozen_groups']} | {r['exact']} | {r['prune_seconds']:.2f} | {r['flops_kept']:.0%} | "
                          f"{tp_cell} |")
-        lines.append("")
+        lines += ["", ("Where reach is low, `slimnet.reach` names why (one warning per group left whole): mixnet_s "
+                       "splits channels with sizes kept in a module attribute (`torch.split(x, self.splits, 1)`), "
+                       "which a cut cannot rewrite; ghostnet and dpn68 slice channels with `x[:, :n]` and skresnet18 "
+                       "stacks branches (`torch.stack`), ops the graph does not model yet. All are left whole, "
+                       "exactly, where Torch-Pruning crashes on them. YOLOv8n goes through `torch.export` (fx cannot "
+                       "iterate C2f's `chunk`), and its three groups left whole are the neck outputs the model "
+                       "also returns (`feats`). The smp FPN checks its input size in `forward`, so it too is "
+                       "captured by `torch.export`; its prune() time is mostly that capture."), ""]
     return "\n".join(lines)
 
 

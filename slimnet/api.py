@@ -141,13 +141,13 @@ def run_surgery(
         clock.lap("plan")
         folded = []
         check_plan(model, plan)  # all or nothing: before folding changes a bias
-        touched = [*plan.keep, *(graph.norm_after[n] for n in plan.keep if n in graph.norm_after)]
+        touched = [*plan.keep, *plan.attrs, *(graph.norm_after[n] for n in plan.keep if n in graph.norm_after)]
         with transaction(model, touched):
             if fold_bias and plan:
                 result = fold_removed_inputs(model, graph, plan, stats)
                 plan.add_bias, folded = result.new_bias, result.folded
             clock.lap("fold")
-            apply_plan(model, plan)
+            apply_plan(model, plan, checked=True)
         clock.lap("cut")
     previous = current_plan(model)
     model.slimnet_plan = previous.then(plan) if previous is not None else plan

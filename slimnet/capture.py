@@ -116,4 +116,6 @@ def export_graph(model: nn.Module, example_inputs: tuple, norm_types: tuple[type
             new = graph.node_copy(node, lambda n: env[n])
         env[node] = new
         shapes[new.name] = _shape_of(node.meta.get("val"))
+        if "nn_module_stack" in node.meta:  # which module ran the op: where split sizes may live
+            new.meta["nn_module_stack"] = node.meta["nn_module_stack"]
     return graph, shapes

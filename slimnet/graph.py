@@ -31,6 +31,7 @@ This module knows nothing of Lightning or Hydra.
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 from collections import Counter
@@ -187,6 +188,8 @@ class ChannelGraph:
     # (the parts of a chunk, the blocks of a grouped conv fed by a concatenation)
     ties: list[list[tuple[int, int]]] = field(default_factory=list)
     flops: dict[str, int] = field(default_factory=dict)  # conv/linear -> FLOPs (2 x MACs) per sample
+    # split sizes a cut rewrites: (module, attribute, "list" | "int", group ids of each part); see `split`
+    size_attrs: list[tuple[str, str, str, list[list[int]]]] = field(default_factory=list)
 
     def group_of(self, module: str, kind: str = "out") -> ChannelGroup:
         """The group a module's axis belongs to (its first segment's group)."""
@@ -357,6 +360,7 @@ class _Analysis:
         self.norm_after: dict[str, list[str]] = {}  # conv/linear -> norms reading its output alone
         self.ties: list[list[tuple[_Space, int]]] = []  # [(space, k)]: kept(space) / k equal for all
         self.flops: Counter = Counter()  # conv/linear -> FLOPs per sample, over all its calls
+        self.size_attrs: list[tuple[str, str, str, list[Layout]]] = []  # split sizes to rewrite, see `split`
 
     # -- helpers ------------------------------------------------------------------------------------
     def new_space(self, size: int, frozen_by: str | None = None) -> Layout:
@@ -375,8 +379,18 @@ class _Analysis:
                 self.freeze(item, reason)
 
     def union(self, a: Layout, b: Layout, reason: str) -> Layout:
-        """Merge two layouts channel by channel; if their structures differ, freeze both."""
+        """Merge two layouts channel by channel; if their structures differ, freeze both.
+
+        Layouts of the same width whose spaces end in different places (``cat(a, b) * gate``, the gate
+        one conv's output) are first cut at every boundary of either, so both are the same runs.
+        """
         a, b = _expand(a), _expand(b)
+        if ([s.space.size for s in a] != [s.space.size for s in b] and _layout_size(a) == _layout_size(b)
+                and all(seg.mult == 1 for seg in a + b)):
+            ends = sorted({e for lay in (a, b) for e in itertools.accumulate(s.space.size for s in lay)})
+            sizes = [e - s for s, e in zip([0, *ends[:-1]], ends)]
+            if self.cut_at(a, sizes) is not None and self.cut_at(b, sizes) is not None:
+                a, b = _expand(a), _expand(b)
         if len(a) == len(b) and all(x.space.size == y.space.size and x.mult == y.mult for x, y in zip(a, b)):
             for x, y in zip(a, b):
                 ra, rb = x.space.root(), y.space.root()
@@ -584,7 +598,11 @@ class _Analysis:
         ``chunk(k)`` recomputes its parts from the channel count it is given, so it still splits in the
         right places after a cut as long as every part keeps the same number of channels: the parts are
         tied. ``split`` with sizes computed from the tensor's shape (fx nodes) behaves the same when the
-        sizes are equal. Sizes written as numbers in the model's code cannot follow a cut: left whole.
+        sizes are equal. Sizes the forward reads from its module (``torch.split(x, self.splits, 1)`` in
+        timm's MixedConv2d, ``split((self.c, self.c), 1)`` in ultralytics' C2f) are rewritten by the cut:
+        a list attribute equal to the sizes gets each part's kept count, an int attribute equal to every
+        size gets the common count (the parts are then tied). Sizes written as numbers in the code, or
+        matching no attribute (or several), cannot follow a cut: left whole, with a warning.
         """
         what = node.target if node.op == "call_method" else node.target.__name__
         parts, shape_in = self.part_shapes(node), self.shape(node.args[0]) if node.args else None
@@ -598,9 +616,18 @@ class _Analysis:
         recomputed = what == "chunk" or (what == "tensor_split" and isinstance(arg, int))  # k parts of any size
         fixed = not recomputed and not isinstance(arg, fx.Node) and not (
             isinstance(arg, (list, tuple)) and all(isinstance(a, fx.Node) for a in arg))
-        if fixed:
+        attr = self.size_attribute(node, sizes) if fixed else None
+        if fixed and attr is None:
             return self.unknown(node, f"'{what}' with sizes {sizes} fixed in the model's code",
-                                f"'{what}' with sizes fixed in the model's code (use chunk(k))")
+                                f"'{what}' with sizes fixed in the model's code (use chunk(k), or keep the sizes "
+                                "in one list attribute of the module)")
+        if attr is not None and attr[2] == "list":  # each part its own space, its size rewritten
+            pieces = self.cut_at(x, sizes)
+            if pieces is None:
+                return self.unknown(node, f"'{what}' across flattened or constrained channels",
+                                    f"'{what}' across flattened or constrained channels")
+            self.size_attrs.append((*attr, pieces))
+            return tuple(pieces)
         if len(set(sizes)) != 1:
             return self.unknown(node, f"'{what}' into unequal parts {sizes}", f"'{what}' into unequal parts")
         pieces = self.cut_at(x, sizes)
@@ -611,7 +638,27 @@ class _Analysis:
             return self.unknown(node, f"'{what}' whose parts span several layers' channels",
                                 f"'{what}' whose parts span several layers' channels")
         self.ties.append([(p[0].space, 1) for p in pieces])
+        if attr is not None:  # an int attribute: every part keeps the same (tied) count
+            self.size_attrs.append((*attr, pieces))
         return tuple(pieces)
+
+    def size_attribute(self, node, sizes: list[int]) -> tuple[str, str, str] | None:
+        """``(module, attribute, kind)`` the split sizes come from, if exactly one attribute of the module
+        running the split holds them: a list/tuple equal to ``sizes`` ("list"), else an int equal to every
+        size ("int"). Found through the node's ``nn_module_stack`` (fx and export both record it)."""
+        stack = node.meta.get("nn_module_stack")  # fx records none for the root's own ops
+        path = list(stack.values())[-1][0] if stack else ""
+        module = self.modules.get(path)
+        if module is None:
+            return None
+        public = {k: v for k, v in vars(module).items() if not k.startswith("_")}
+        matches = [(k, "list") for k, v in public.items() if isinstance(v, (list, tuple)) and len(v) == len(sizes)
+                   and all(type(i) is int for i in v) and list(v) == sizes]
+        if not matches and len(set(sizes)) == 1:
+            matches = [(k, "int") for k, v in public.items() if type(v) is int and v == sizes[0]]
+        if len(matches) != 1 or any(a[:2] == (path, matches[0][0]) for a in self.size_attrs):
+            return None  # none, ambiguous, or the same attribute splitting a second tensor
+        return (path, *matches[0])
 
     def cut_at(self, layout: Layout, sizes: list[int]) -> list[Layout] | None:
         """``layout`` cut into consecutive runs of ``sizes`` channels, splitting spaces where a run ends
@@ -776,7 +823,8 @@ class _Analysis:
         for kind, (nodes, spaces) in self.unknowns.items():
             # the model's input and output channels are never cut anyway, and channels no layer sees
             # cannot be: an op on those alone costs nothing; groups with a norm were named above
-            touched = [g for g in {roots[s.root().id].id: roots[s.root().id] for s in spaces}.values()
+            live_spaces = [seg.space for s in spaces for seg in _expand((Segment(s),))]  # split ones: their parts
+            touched = [g for g in {roots[s.root().id].id: roots[s.root().id] for s in live_spaces}.values()
                        if g.refs and g.id not in frozen_with_norm
                        and not any(r in ("model input", "model output") for r in g.frozen_by)]
             if not touched:
@@ -786,8 +834,11 @@ class _Analysis:
                             + (f" in {_listing(kept, 4)}" if kept else ""))
         norm_after = {layer: norms[0] for layer, norms in self.norm_after.items()
                       if len(norms) == 1 and self.calls[layer] == 1 and self.calls[norms[0]] == 1}
+        size_attrs = [(module, attr, kind, [[roots[seg.space.root().id].id for seg in _expand(piece)]
+                                            for piece in pieces])
+                      for module, attr, kind, pieces in self.size_attrs]
         return ChannelGraph(groups=groups, axes=axes, warnings=warnings, norm_after=norm_after, ties=ties,
-                            flops=dict(self.flops))
+                            flops=dict(self.flops), size_attrs=size_attrs)
 
     def _tied_groups(self, roots: dict[int, ChannelGroup], groups: list[ChannelGroup]) -> list:
         """Ties as group ids; a group tied to one that is left whole is left whole too (it cannot shrink

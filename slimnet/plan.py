@@ -32,19 +32,23 @@ class PrunePlan:
 
     ``add_bias``: layers that had no bias and were given one (β folding), so that a replay on a fresh
     model has the same parameters as the pruned one.
+
+    ``attrs``: module attributes the cut rewrites, ``{module: {attribute: value}}``: the split sizes a
+    forward reads from its module (``self.splits``, ``self.c``), so the cut model splits where it must.
     """
 
     keep: dict[str, dict[str, list[int]]] = field(default_factory=dict)
     threshold: float | None = None
     policy: dict = field(default_factory=dict)
     add_bias: list[str] = field(default_factory=list)
+    attrs: dict[str, dict[str, object]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.keep)
 
     def to_dict(self) -> dict:
         return {"format": PLAN_FORMAT, "threshold": self.threshold, "policy": self.policy, "keep": self.keep,
-                "add_bias": self.add_bias}
+                "add_bias": self.add_bias, "attrs": self.attrs}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
@@ -55,7 +59,7 @@ class PrunePlan:
             raise ValueError(f"not a slimnet plan (format {data.get('format')!r}, expected {PLAN_FORMAT!r})")
         keep = {m: {k: [int(i) for i in idx] for k, idx in axes.items()} for m, axes in data["keep"].items()}
         return cls(keep=keep, threshold=data.get("threshold"), policy=data.get("policy", {}),
-                   add_bias=list(data.get("add_bias", [])))
+                   add_bias=list(data.get("add_bias", [])), attrs=dict(data.get("attrs", {})))
 
     @classmethod
     def from_json(cls, text: str) -> PrunePlan:
@@ -69,7 +73,10 @@ class PrunePlan:
                 before = keep.get(module, {}).get(kind)
                 keep.setdefault(module, {})[kind] = [before[i] for i in idx] if before is not None else idx
         add_bias = list(dict.fromkeys(self.add_bias + later.add_bias))
-        return PrunePlan(keep=keep, threshold=later.threshold, policy=later.policy, add_bias=add_bias)
+        attrs = {m: dict(a) for m, a in self.attrs.items()}
+        for module, values in later.attrs.items():  # the later cut's sizes are the current ones
+            attrs.setdefault(module, {}).update(values)
+        return PrunePlan(keep=keep, threshold=later.threshold, policy=later.policy, add_bias=add_bias, attrs=attrs)
 
 
 @dataclass
@@ -238,7 +245,19 @@ def drop_untied(graph: ChannelGraph, kept: dict[int, torch.Tensor]) -> dict[int,
 def plan_for(graph: ChannelGraph, kept: dict[int, torch.Tensor], *, threshold: float | None = None,
              policy: dict | None = None) -> PrunePlan:
     """The plan that keeps ``kept[group id]`` (sorted channel indices) of each group, all of the others."""
-    return PrunePlan(keep=_axis_indices(graph, kept), threshold=threshold, policy=policy or {})
+    return PrunePlan(keep=_axis_indices(graph, kept), threshold=threshold, policy=policy or {},
+                     attrs=_size_attrs(graph, kept))
+
+
+def _size_attrs(graph: ChannelGraph, kept: dict[int, torch.Tensor]) -> dict[str, dict[str, object]]:
+    """New values of the split-size attributes the graph found: each part's kept channel count."""
+    out: dict[str, dict[str, object]] = {}
+    for module, attr, kind, parts in graph.size_attrs:
+        counts = [sum(len(kept[g]) if g in kept else graph.groups[g].size for g in part) for part in parts]
+        before = [sum(graph.groups[g].size for g in part) for part in parts]
+        if counts != before:
+            out.setdefault(module, {})[attr] = counts if kind == "list" else counts[0]  # "int": tied, all equal
+    return out
 
 
 def _axis_indices(graph: ChannelGraph, kept: dict[int, torch.Tensor]) -> dict[str, dict[str, list[int]]]:

@@ -159,11 +159,16 @@ def check_plan(model: nn.Module, plan: PrunePlan) -> None:
     applied leaves the model exactly as it was.
     """
     modules = dict(model.named_modules())
-    missing = [name for name in [*plan.keep, *plan.add_bias] if name not in modules]
+    missing = [name for name in [*plan.keep, *plan.add_bias, *plan.attrs] if name not in modules]
     if missing:
         raise ValueError(f"plan names modules this model does not have: {missing[:5]}; "
                          "was the plan made for another architecture or config?")
     problems = []
+    for name, values in plan.attrs.items():
+        for attr, value in values.items():
+            current = getattr(modules[name], attr, None)
+            if type(current) is not type(value) and not (isinstance(current, (list, tuple)) and isinstance(value, list)):
+                problems.append(f"'{name}'.{attr} is {current!r}, cannot become {value!r}")
     for name in plan.add_bias:
         if not isinstance(modules[name], (_ConvNd, nn.Linear)):
             problems.append(f"'{name}' ({type(modules[name]).__name__}) cannot take a bias")
@@ -194,9 +199,6 @@ def check_plan(model: nn.Module, plan: PrunePlan) -> None:
                          "any change to the model.")
 
 
-_SIZE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features")
-
-
 @contextlib.contextmanager
 def transaction(model: nn.Module, names):
     """On an exception inside, put back the tensors and size attributes of the named modules.
@@ -212,7 +214,8 @@ def transaction(model: nn.Module, names):
             continue
         values = {k: (t, t.detach().clone()) for k, t in [*m._parameters.items(), *m._buffers.items()]
                   if t is not None and k in ("bias", "running_mean")}
-        attrs = {k: getattr(m, k) for k in _SIZE_ATTRS if k in m.__dict__}
+        attrs = {k: v for k, v in m.__dict__.items()  # sizes, and split sizes a plan rewrites
+                 if not k.startswith("_") and isinstance(v, (int, list, tuple))}
         saved.append((m, dict(m._parameters), dict(m._buffers), attrs, values))
     try:
         yield
@@ -229,18 +232,24 @@ def transaction(model: nn.Module, names):
         raise
 
 
-def apply_plan(model: nn.Module, plan: PrunePlan) -> None:
+def apply_plan(model: nn.Module, plan: PrunePlan, *, checked: bool = False) -> None:
     """Cut ``model`` in place to the widths ``plan`` keeps, counted in the model's current channels.
 
-    All or nothing: the plan is checked first, and any failure while cutting puts the model back.
+    All or nothing: the plan is checked first (``checked=True``: the caller just did), and any failure
+    while cutting puts the model back.
     """
-    check_plan(model, plan)
+    if not checked:
+        check_plan(model, plan)
     modules = dict(model.named_modules())
-    with transaction(model, [*plan.add_bias, *plan.keep]):
+    with transaction(model, [*plan.add_bias, *plan.keep, *plan.attrs]):
         _apply_checked(modules, plan)
 
 
 def _apply_checked(modules: dict, plan: PrunePlan) -> None:
+    for name, values in plan.attrs.items():  # split sizes the forward reads: a tuple stays a tuple
+        for attr, value in values.items():
+            current = getattr(modules[name], attr)
+            setattr(modules[name], attr, tuple(value) if isinstance(current, tuple) else value)
     for name in plan.add_bias:
         add_zero_bias(modules[name])
     for name, axes in plan.keep.items():

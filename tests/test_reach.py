@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import slimnet
+import slimnet.surgery
 from slimnet.graph import TraceError, trace_channel_groups
 from slimnet.plan import PlanDecision, PrunePlan
 from slimnet.api import run_surgery
@@ -138,6 +139,56 @@ def test_split_with_sizes_from_the_shape_is_cut_exactly():
     ref = model(X)
     slimnet.prune(model, X, thresh=0.1, fold_bias=False)
     assert model.cv1[0].out_channels < 8 and model.a[0].in_channels == model.b[0].in_channels
+    torch.testing.assert_close(model(X), ref)
+
+
+class MixedSplit(nn.Module):
+    """timm's MixedConv2d: ``torch.split(x, self.splits, 1)``, a different conv per part, cat."""
+
+    def __init__(self):
+        super().__init__()
+        self.cv1 = _cb(3, 12)
+        self.splits = [4, 8]
+        self.convs = nn.ModuleList([_cb(4, 4, 3, groups=4), _cb(8, 8, 5, groups=8)])
+        self.head = nn.Conv2d(12, 2, 1)
+
+    def forward(self, x):
+        parts = torch.split(self.cv1(x), self.splits, 1)
+        return self.head(torch.cat([c(p) for c, p in zip(self.convs, parts)], 1))
+
+
+class SplitByInt(nn.Module):
+    """ultralytics' C2f.forward_split: ``split((self.c, self.c), 1)``."""
+
+    def __init__(self, c: int = 4):
+        super().__init__()
+        self.c = c
+        self.cv1, self.m, self.cv2 = _cb(3, 2 * c), _cb(c, c, 3), _cb(3 * c, 6)
+
+    def forward(self, x):
+        a, b = self.cv1(x).split((self.c, self.c), 1)
+        return self.cv2(torch.cat([a, b, self.m(b)], 1))
+
+
+def test_split_sizes_in_a_list_attribute_are_rewritten_and_replay():
+    model = MixedSplit().eval()
+    _kill_weak(model, 0.5, seed=1)
+    ref = model(X)
+    report = slimnet.prune(model, X, thresh=0.1, fold_bias=False)
+    kept = [model.convs[0][0].out_channels, model.convs[1][0].out_channels]
+    assert model.splits == kept and sum(kept) == model.cv1[0].out_channels < 12  # parts cut independently
+    torch.testing.assert_close(model(X), ref)
+    fresh = MixedSplit()
+    slimnet.surgery.replay_plan(fresh, slimnet.PrunePlan.from_json(report["plan"].to_json()))
+    assert fresh.splits == kept  # a plan saved as JSON rewrites the sizes of a freshly built model too
+
+
+def test_split_sizes_from_an_int_attribute_keep_equal_parts():
+    model = SplitByInt().eval()
+    _kill_weak(model, 0.5, seed=2)
+    ref = model(X)
+    slimnet.prune(model, X, thresh=0.1, fold_bias=False)
+    assert model.cv1[0].out_channels == 2 * model.c and model.c < 4 and model.m[0].in_channels == model.c
     torch.testing.assert_close(model(X), ref)
 
 
@@ -290,21 +341,51 @@ def test_reach_reports_the_frozen_share_and_warns_once_per_frozen_group():
     assert "50%" in str(r) and r.to_dict()["frozen"] == [["q.0", r.frozen[0][1]]]
 
 
-class Mismatch(nn.Module):
-    """A residual add whose operands have different layouts (cat(a, b) + c): no unknown op, still frozen."""
+class GateOnCat(nn.Module):
+    """A gate (one conv's output) multiplying a concatenation: the gate's channels are cut to match the parts."""
 
     def __init__(self):
         super().__init__()
-        self.a, self.b, self.c = _cb(3, 4), _cb(3, 4), _cb(3, 8)
+        self.a, self.b, self.gate = _cb(3, 4), _cb(3, 4), _cb(3, 8)
+        self.head = nn.Conv2d(8, 2, 1)
 
     def forward(self, x):
-        return (torch.cat([self.a(x), self.b(x)], 1) + self.c(x)).mean((2, 3))
+        return self.head(torch.cat([self.a(x), self.b(x)], 1) * self.gate(x))
+
+
+def test_gate_on_a_concatenation_is_cut_part_by_part():
+    graph = trace_channel_groups(GateOnCat(), X)
+    assert [p[1] for p in graph.axes[("gate.0", "out")]] == [4, 4]  # the gate's filters: two runs of 4
+    assert graph.group_of("a.0").prunable and graph.warnings == []
+    model = GateOnCat().eval()
+    _kill_weak(model, 0.5, seed=4)
+    ref = model(X)
+    slimnet.prune(model, X, thresh=0.1, fold_bias=False)
+    assert model.gate[0].out_channels == model.a[0].out_channels + model.b[0].out_channels < 8
+    torch.testing.assert_close(model(X), ref)
+
+
+class Mismatch(nn.Module):
+    """cat(a, b) + c where c's channels also feed a grouped conv (blocks of 2 that must stay equal): c cannot
+    be cut at a's boundary, so no unknown op, and still every group of the sum is frozen."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = _cb(3, 3), _cb(3, 5), _cb(3, 8)
+        self.g = nn.Conv2d(8, 8, 1, groups=4)
+        self.head = nn.Conv2d(16, 2, 1)
+
+    def forward(self, x):
+        c = self.c(x)
+        gc = self.g(c)  # first: c's blocks are fixed before the sum asks to cut c after channel 3
+        return self.head(torch.cat([torch.cat([self.a(x), self.b(x)], 1) + c, gc], 1))
 
 
 def test_frozen_by_mismatched_add_is_named():
     graph = trace_channel_groups(Mismatch(), X)
     frozen = [w for w in graph.warnings if "kept whole" in w]
     assert len(frozen) == 3 and all("different channel layouts" in w for w in frozen)
+    assert sorted(w.split(" kept whole")[0] for w in frozen) == ["a.0", "b.0", "c.0"]
 
 
 # --------------------------------------------------------------------------- FrozenBatchNorm2d
