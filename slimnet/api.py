@@ -20,7 +20,8 @@ from slimnet._modes import preserved_modes
 from slimnet.budget import threshold_for_flops
 from slimnet.fold import InputStats, fold_removed_inputs
 from slimnet.graph import NORM_TYPES, ChannelGraph, trace_channel_groups
-from slimnet.measure import count_flops, count_params, flops_from_uses, weight_uses
+from slimnet.measure import (count_flops, count_params, flops_from_uses, reads_training, weight_uses,
+                             weight_uses_from_forward)
 from slimnet.optim_state import ParamSnapshot
 from slimnet.plan import PlanDecision, PrunePlan, decide, groups_summary
 from slimnet.prune_report import PruneReport
@@ -141,17 +142,24 @@ def run_surgery(
     """
     clock = _Clock()
     before = ParamSnapshot(model)  # lets carry_optimizer_state slice an optimizer's state afterwards
-    uses = weight_uses(model, example_inputs)  # positions per layer: FLOPs before and after, on shapes
-    flops_before, params_before = _flops(model, example_inputs, uses), count_params(model)
-    stats = _record_inputs(model, example_inputs if stats_inputs is None else stats_inputs) if (
-        measure_inputs) else InputStats(model)
-    widths_before = layer_widths(model)
-    clock.lap("measure")
     with preserved_modes(model):
         graph = trace_channel_groups(model, example_inputs, leaf_modules)
         for message in graph.warnings:
             warnings.warn(f"{caller}: {message}", stacklevel=3)
-        clock.lap("trace")
+    clock.lap("trace")
+    # Output positions per conv/linear give the FLOPs before and after the cut from weight shapes alone:
+    # the traced (train-mode) graph's when no module reads `training`, else an eval-mode trace's.
+    uses = graph.uses if not reads_training(model) else weight_uses(model, example_inputs)
+    stats = InputStats(model)
+    if uses is None:  # not countable on shapes: positions from one real forward, folding's if it needs one
+        inputs = example_inputs if stats_inputs is None or not measure_inputs else stats_inputs
+        uses = weight_uses_from_forward(model, inputs, stats.recording(enabled=measure_inputs))
+    elif measure_inputs:
+        stats = _record_inputs(model, example_inputs if stats_inputs is None else stats_inputs)
+    flops_before, params_before = _flops(model, example_inputs, uses), count_params(model)
+    widths_before = layer_widths(model)
+    clock.lap("measure")
+    with preserved_modes(model):
         decision = choose(graph, stats)
         plan = decision.plan
         clock.lap("plan")

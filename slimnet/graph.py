@@ -188,6 +188,9 @@ class ChannelGraph:
     # (the parts of a chunk, the blocks of a grouped conv fed by a concatenation)
     ties: list[list[tuple[int, int]]] = field(default_factory=list)
     flops: dict[str, int] = field(default_factory=dict)  # conv/linear -> FLOPs (2 x MACs) per sample
+    # conv/linear -> output positions per sample (see `measure.weight_uses`); None when something else
+    # computes (a matmul, a black-box leaf with weights) or a shape is unknown
+    uses: dict[str, int] | None = None
     # split sizes a cut rewrites: (module, attribute, "list" | "int", group ids of each part); see `split`
     size_attrs: list[tuple[str, str, str, list[list[int]]]] = field(default_factory=list)
 
@@ -258,6 +261,11 @@ _RESHAPE_METHODS = {"flatten", "view", "reshape", "squeeze", "unsqueeze"}
 _REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
 _REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
 _CAT_FUNCTIONS = {torch.cat, torch.concat}
+# Ops that compute FLOPs FlopCounterMode counts, outside conv and linear modules (by name: torch functions,
+# tensor methods and ATen ops alike): a graph holding one cannot have its FLOPs counted from layer shapes.
+COMPUTE_OPS = {"matmul", "mm", "bmm", "addmm", "baddbmm", "einsum", "linear", "conv1d", "conv2d", "conv3d",
+               "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "scaled_dot_product_attention",
+               "__matmul__", "addbmm", "addmv", "mv", "tensordot", "bilinear", "convolution"}
 _SPLIT_FUNCTIONS = {torch.chunk, torch.split, torch.tensor_split}
 _SPLIT_METHODS = {"chunk", "split", "tensor_split"}
 # Reading a tensor's metadata does not depend on which channels it holds.
@@ -360,6 +368,7 @@ class _Analysis:
         self.norm_after: dict[str, list[str]] = {}  # conv/linear -> norms reading its output alone
         self.ties: list[list[tuple[_Space, int]]] = []  # [(space, k)]: kept(space) / k equal for all
         self.flops: Counter = Counter()  # conv/linear -> FLOPs per sample, over all its calls
+        self.uses: Counter | None = Counter()  # conv/linear -> output positions per sample; None: unknown
         self.size_attrs: list[tuple[str, str, str, list[Layout]]] = []  # split sizes to rewrite, see `split`
 
     # -- helpers ------------------------------------------------------------------------------------
@@ -511,6 +520,12 @@ class _Analysis:
             # 2 x MACs per sample: each output feature reads (inputs / groups) x kernel weights
             fan_in = m.weight[0].numel()
             self.flops[name] += 2 * fan_in * math.prod(out_shape) // max(int(out_shape[0]), 1)
+            channels = out_shape[-1] if isinstance(m, nn.Linear) else out_shape[1]
+            if self.uses is not None:
+                self.uses[name] += math.prod(out_shape) // max(int(out_shape[0]) * int(channels), 1)
+        elif isinstance(m, (_ConvNd, nn.Linear)) or (
+                not isinstance(m, NORM_TYPES) and any(True for _ in m.parameters(recurse=False))):
+            self.uses = None  # an unknown shape, a transposed conv, or a black box with weights
         if isinstance(m, _ConvNd) and not m.transposed:
             if m.groups == 1:
                 self.record(name, "in", x)
@@ -548,6 +563,8 @@ class _Analysis:
     def call_function(self, node):
         fn = node.target
         is_method = node.op == "call_method"
+        if str(getattr(fn, "__name__", fn)).split(".")[0] in COMPUTE_OPS:
+            self.uses = None  # FLOPs outside conv and linear layers: shapes of those alone do not count them
         x = self.tensor_layout(node.args[0]) if node.args else None
         if (is_method and fn in _METADATA_METHODS) or fn is getattr:
             return None  # x.size(), x.shape: metadata, not channel content
@@ -838,7 +855,8 @@ class _Analysis:
                                             for piece in pieces])
                       for module, attr, kind, pieces in self.size_attrs]
         return ChannelGraph(groups=groups, axes=axes, warnings=warnings, norm_after=norm_after, ties=ties,
-                            flops=dict(self.flops), size_attrs=size_attrs)
+                            flops=dict(self.flops), size_attrs=size_attrs,
+                            uses=dict(self.uses) if self.uses is not None else None)
 
     def _tied_groups(self, roots: dict[int, ChannelGroup], groups: list[ChannelGroup]) -> list:
         """Ties as group ids; a group tied to one that is left whole is left whole too (it cannot shrink

@@ -288,8 +288,18 @@ def test_forward_fx_cannot_trace_is_captured_by_export_and_cut_in_the_users_modu
     ref = model(X)
     report = slimnet.prune(model, X, thresh=0.1, fold_bias=False)
     assert model.a[0] is a_conv and a_conv.out_channels < 8  # the user's own module object, cut
-    assert report["flops_after"] < report["flops_before"]
+    assert report["flops_after"] < report["flops_before"] == slimnet.count_flops(Untraceable(), X)[0]
+    assert report["flops_after"] == slimnet.count_flops(model, X)[0]
     torch.testing.assert_close(model(X), ref)
+
+
+def test_forward_fx_cannot_trace_costs_one_real_forward_report_and_folding_included():
+    model, calls = Untraceable().eval(), []
+    _kill_weak(model, 0.5)
+    fake = torch._subclasses.fake_tensor.FakeTensor  # torch.export runs the forward on fake tensors: free
+    model.register_forward_pre_hook(lambda m, a: None if isinstance(a[0], fake) else calls.append(1))
+    slimnet.prune(model, X, thresh=0.1)
+    assert calls == [1]  # positions for the FLOPs and the constants folding needs, from the same forward
 
 
 class Hopeless(nn.Module):

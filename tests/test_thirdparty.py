@@ -34,7 +34,7 @@ def _leaves(out) -> list[torch.Tensor]:
     return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
-def test_yolov8n_c2f_sppf_and_detect_inputs_are_cut_exactly():
+def test_yolov8n_c2f_and_sppf_are_cut_exactly_and_returned_features_kept():
     pytest.importorskip("ultralytics", reason="ultralytics is a test-only extra: pip install slimnet[thirdparty]")
     from ultralytics.nn.tasks import DetectionModel
 
@@ -49,13 +49,16 @@ def test_yolov8n_c2f_sppf_and_detect_inputs_are_cut_exactly():
         ref = _leaves(model(x))
     c2f, sppf, detect = model.model[2], model.model[9], model.model[22]
     widths = (c2f.cv1.conv.out_channels, sppf.cv2.conv.in_channels, detect.cv2[0][0].conv.in_channels)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         report = slimnet.prune(model, x, thresh=0.1, fold_bias=False)
     assert c2f.cv1.conv.out_channels < widths[0] and c2f.cv1.conv.out_channels % 2 == 0  # chunk(2) halves agree
     assert c2f.m[0].cv1.conv.in_channels == c2f.cv1.conv.out_channels // 2
     assert sppf.cv2.conv.in_channels < widths[1]  # SPPF's cat of four pooled copies
-    assert detect.cv2[0][0].conv.in_channels <= widths[2]
+    # The model also returns the neck outputs the head reads ("feats"): a model output keeps its channels,
+    # so the Detect head's inputs stay whole, and the warning says so.
+    assert detect.cv2[0][0].conv.in_channels == widths[2]
+    assert any("model.15.cv2.conv kept whole: model output" in str(w.message) for w in caught)
     assert report["flops_after"] < 0.8 * report["flops_before"]
     with torch.no_grad():
         out = _leaves(model(x))
@@ -73,8 +76,8 @@ def test_smp_fpn_with_a_shape_check_is_captured_and_cut_exactly():
     _kill_weak(model)
     with torch.no_grad():
         ref = model(x)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         report = slimnet.prune(model, x, thresh=0.1, fold_bias=False)
     assert report["params_after"] < report["params_before"]
     with torch.no_grad():
