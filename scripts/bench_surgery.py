@@ -396,7 +396,8 @@ def _markdown(speed: list[dict], accuracy: dict | None, meta: dict, thirdparty: 
               thirdparty_meta: dict | None = None) -> str:
     lines = ["# Surgery benchmark (`scripts/bench_surgery.py`)", "",
              (f"torch {meta['torch']}, torchvision {meta['torchvision']}, Torch-Pruning {meta['torch_pruning']}, "
-              f"{meta['threads']} intra-op thread(s), median of {meta['repeats']} runs; generated {meta['date']}."), ""]
+              f"{meta['threads']} intra-op thread(s), median of {meta['repeats']} runs; generated {meta['date']}."
+              + (f" {meta['note']}" if meta.get("note") else "")), ""]
     if speed:
         lines += ["## Surgery wall time at 224x224 (Inception v3: 299x299), batch 1, prune 50% by BN |γ|", "",
                   ("surgery = trace + plan + β fold + cut. *report*: the rest of `prune()` — FLOPs counted on traced "
@@ -471,14 +472,16 @@ def _markdown(speed: list[dict], accuracy: dict | None, meta: dict, thirdparty: 
             lines.append(f"| {r['model']} | {r['size']} | {r['bn_reach']:.0%} | {r['flops_reach']:.0%} | "
                          f"{r['frozen_groups']} | {r['exact']} | {r['prune_seconds']:.2f} | {r['flops_kept']:.0%} | "
                          f"{tp_cell} |")
-        lines += ["", ("Where reach is low, `slimnet.reach` names why (one warning per group left whole): mixnet_s "
-                       "splits channels with sizes kept in a module attribute (`torch.split(x, self.splits, 1)`), "
-                       "which a cut cannot rewrite; ghostnet and dpn68 slice channels with `x[:, :n]` and skresnet18 "
-                       "stacks branches (`torch.stack`), ops the graph does not model yet. All are left whole, "
-                       "exactly, where Torch-Pruning crashes on them. YOLOv8n goes through `torch.export` (fx cannot "
-                       "iterate C2f's `chunk`), and its three groups left whole are the neck outputs the model "
-                       "also returns (`feats`). The smp FPN checks its input size in `forward`, so it too is "
-                       "captured by `torch.export`; its prune() time is mostly that capture."), ""]
+        lines += ["", ("Where reach is low, `slimnet.reach` names why (one warning per group left whole): ghostnet "
+                       "and dpn68 slice channels with `x[:, :n]` / `x[:, n:]` (n a module attribute) and skresnet18 "
+                       "stacks its branches (`torch.stack`): ops the graph does not model yet, so their groups are "
+                       "left whole, exactly, where Torch-Pruning crashes. mixnet_s splits with "
+                       "`torch.split(x, self.splits, 1)`: the cut rewrites `self.splits` (and the plan replays it). "
+                       "YOLOv8n goes through `torch.export` (fx cannot iterate C2f's `chunk`); its three groups left "
+                       "whole are the neck outputs the model also returns (`feats`), so the Detect head's inputs "
+                       "keep their width. The smp FPN checks its input size in `forward`, so it too is captured by "
+                       "`torch.export`; export's capture is most of both models' prune() time. FrozenBatchNorm2d: "
+                       "Torch-Pruning removes nothing (its importance reads parameters; the γ here are buffers)."), ""]
     return "\n".join(lines)
 
 
@@ -493,6 +496,7 @@ def main() -> None:
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--thirdparty", action="store_true", help="run the third-party section")
+    parser.add_argument("--note", default=None, help="a sentence on the run's conditions, shown under the title")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     meta = {"torch": torch.__version__, "torchvision": torchvision.__version__,
@@ -504,6 +508,8 @@ def main() -> None:
     accuracy = last.get("accuracy") if args.skip_accuracy else bench_accuracy(args.epochs, args.ckpt, args.percents)
     if args.skip_speed and args.skip_accuracy and "meta" in last:
         meta = last["meta"]
+    if args.note:
+        meta["note"] = args.note
     thirdparty, thirdparty_meta = last.get("thirdparty"), last.get("thirdparty_meta")
     if args.thirdparty:
         versions = []
