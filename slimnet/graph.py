@@ -16,15 +16,25 @@ A grouped conv (``groups=G``, not depthwise) reads input block ``g`` and writes 
 its input and output axes each split into ``G`` equal blocks. We keep ``groups`` unchanged and require
 every block to keep the *same number* of channels (which ones may differ per block), recorded as the
 space's ``blocks``; ``plan`` honours it by rounding the kept count per block up, ``surgery`` slices the
-weight's input dimension block by block.
+weight's input dimension block by block. When the conv reads a concatenation, its parts are *tied*:
+each keeps the same count per block (``ChannelGraph.ties``, honoured by ``plan``).
+
+``chunk`` / ``split`` along channels cut a space into parts, each its own space from then on (the
+space's ``parts``). ``chunk(k)`` ties its parts to equal counts (it re-splits whatever width it gets);
+sizes the forward reads from a module attribute (``self.splits``, ``self.c``) are rewritten by the cut
+(``ChannelGraph.size_attrs`` -> ``PrunePlan.attrs``). A sum or product of layouts that end in different
+places (``cat(a, b) * gate``) cuts both at every boundary before merging.
 
 Anything whose channel semantics are unknown (an op we do not model, a grouped conv fed by unevenly
-aligned parts, a hard-coded reshape, channel shuffles and splits, the model's inputs and outputs)
-*freezes* the spaces it touches: frozen groups are left whole, with the reason recorded and one warning
-per kind of op naming the layers kept, so a model is never cut somewhere we do not understand.
+aligned parts, a hard-coded reshape or channel shuffle, split sizes written in the code, the model's
+inputs and outputs) *freezes* the spaces it touches: frozen groups are left whole, with the reason
+recorded; every frozen group holding a norm gets one warning naming its layers and the reason (other
+unknown ops one warning per kind), so a model is never cut somewhere we do not understand, silently.
 
-Shapes come from running the traced graph on *meta* tensors (no compute, no memory, the model's own
-tensors untouched); a forward the meta device cannot run falls back to one real forward.
+The forward is captured by ``torch.fx`` symbolic tracing, or by ``torch.export`` when that fails
+(``slimnet.capture``). fx graphs get their shapes from running on *meta* tensors (no compute, no
+memory, the model's own tensors untouched); a forward the meta device cannot run falls back to one
+real forward. Export graphs carry their shapes.
 
 This module knows nothing of Lightning or Hydra.
 """
