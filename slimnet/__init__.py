@@ -24,6 +24,7 @@ from slimnet.measure import count_flops, count_params
 from slimnet.optim_state import carry_optimizer_state
 from slimnet.plan import PrunePlan
 from slimnet.prune_report import PruneReport
+from slimnet.reach import Reach, reach
 from slimnet.sparsity import L1Step, add_l1_subgradient, attach_l1, l1_proximal_step
 from slimnet.zeroed import prune_zeroed
 
@@ -37,7 +38,8 @@ _LAZY = {
 
 __all__ = ["prune", "prune_zeroed", "count_flops", "count_params", "save_pruned", "load_pruned", "trace_channel_groups",
            "PrunePlan", "PruneReport", "TraceError", "attach_l1", "add_l1_subgradient", "l1_proximal_step", "L1Step",
-           "carry_optimizer_state", "SparsityCallback", "SlimmingCallback", "Slimmable", "load_checkpoint"]
+           "carry_optimizer_state", "SparsityCallback", "SlimmingCallback", "Slimmable", "load_checkpoint",
+           "reach", "Reach"]
 __version__ = "0.1.0"
 
 

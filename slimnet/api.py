@@ -14,18 +14,18 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from slimnet._modes import preserved_modes
 from slimnet.budget import threshold_for_flops
 from slimnet.fold import InputStats, fold_removed_inputs
-from slimnet.graph import ChannelGraph, trace_channel_groups
-from slimnet.measure import count_flops
+from slimnet.graph import NORM_TYPES, ChannelGraph, trace_channel_groups
+from slimnet.measure import (count_flops, count_params, flops_from_uses, reads_training, weight_uses,
+                             weight_uses_from_forward)
 from slimnet.optim_state import ParamSnapshot
 from slimnet.plan import PlanDecision, PrunePlan, decide, groups_summary
 from slimnet.prune_report import PruneReport
-from slimnet.surgery import apply_plan
+from slimnet.surgery import apply_plan, check_plan, transaction
 
 
 def layer_widths(model: nn.Module) -> dict[str, int]:
@@ -36,8 +36,8 @@ def layer_widths(model: nn.Module) -> dict[str, int]:
             widths[name] = m.out_channels
         elif isinstance(m, nn.Linear):
             widths[name] = m.out_features
-        elif isinstance(m, _BatchNorm):
-            widths[name] = m.num_features
+        elif isinstance(m, NORM_TYPES):
+            widths[name] = m.weight.shape[0] if getattr(m, "weight", None) is not None else m.num_features
     return widths
 
 
@@ -86,7 +86,7 @@ def prune(
     """
     if thresh is not None and target_flops is not None:
         raise ValueError("prune: give thresh or target_flops, not both")
-    if not any(isinstance(m, _BatchNorm) for m in model.modules()):
+    if not any(isinstance(m, NORM_TYPES) for m in model.modules()):
         norms = sorted({type(m).__name__ for m in model.modules() if "Norm" in type(m).__name__})
         raise ValueError(
             f"nothing to slim: {type(model).__name__} has no BatchNorm layer, so there is no γ to rank "
@@ -108,27 +108,20 @@ def prune(
                        leaf_modules=leaf_modules, caller="prune")
 
 
-def _batch_size(example_inputs) -> int:
-    first = example_inputs if isinstance(example_inputs, torch.Tensor) else example_inputs[0]
-    return first.shape[0] if isinstance(first, torch.Tensor) and first.dim() > 0 else 1
-
-
 @torch.no_grad()
-def _measure(model: nn.Module, example_inputs, record: bool, stats_inputs=None) -> tuple[int, int, InputStats]:
-    """FLOPs and params (batch of one, as ``count_flops``) and, if ``record``, each layer's input
-    statistics in eval mode over ``stats_inputs`` (default: the whole example batch; when that is one
-    sample, the FLOP-count forward records them, so no extra forward runs)."""
+def _record_inputs(model: nn.Module, inputs) -> InputStats:
+    """Each layer's input statistics in eval mode over ``inputs``: the one real forward folding needs."""
     stats = InputStats(model)
-    shared = stats_inputs is None and _batch_size(example_inputs) == 1
-    with stats.recording(enabled=record and shared):
-        flops, params = count_flops(model, example_inputs)
-    if record and not shared:
-        inputs = example_inputs if stats_inputs is None else stats_inputs
-        inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
-        with stats.recording(), preserved_modes(model):
-            model.eval()
-            model(*inputs)
-    return flops, params, stats
+    inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+    with stats.recording(), preserved_modes(model):
+        model.eval()
+        model(*inputs)
+    return stats
+
+
+def _flops(model: nn.Module, example_inputs, uses: dict[str, int] | None) -> int:
+    """The report's FLOPs: on shapes (``measure.weight_uses``) when the forward allows, else counted."""
+    return flops_from_uses(model, uses) if uses is not None else count_flops(model, example_inputs)[0]
 
 
 def run_surgery(
@@ -149,27 +142,40 @@ def run_surgery(
     """
     clock = _Clock()
     before = ParamSnapshot(model)  # lets carry_optimizer_state slice an optimizer's state afterwards
-    flops_before, params_before, stats = _measure(model, example_inputs, measure_inputs, stats_inputs)
-    widths_before = layer_widths(model)
-    clock.lap("measure")
     with preserved_modes(model):
         graph = trace_channel_groups(model, example_inputs, leaf_modules)
         for message in graph.warnings:
             warnings.warn(f"{caller}: {message}", stacklevel=3)
-        clock.lap("trace")
+    clock.lap("trace")
+    # Output positions per conv/linear give the FLOPs before and after the cut from weight shapes alone:
+    # the traced (train-mode) graph's when no module reads `training`, else an eval-mode trace's.
+    uses = graph.uses if not reads_training(model) else weight_uses(model, example_inputs)
+    stats = InputStats(model)
+    if uses is None:  # not countable on shapes: positions from one real forward, folding's if it needs one
+        inputs = example_inputs if stats_inputs is None or not measure_inputs else stats_inputs
+        uses = weight_uses_from_forward(model, inputs, stats.recording(enabled=measure_inputs))
+    elif measure_inputs:
+        stats = _record_inputs(model, example_inputs if stats_inputs is None else stats_inputs)
+    flops_before, params_before = _flops(model, example_inputs, uses), count_params(model)
+    widths_before = layer_widths(model)
+    clock.lap("measure")
+    with preserved_modes(model):
         decision = choose(graph, stats)
         plan = decision.plan
         clock.lap("plan")
         folded = []
-        if fold_bias and plan:
-            result = fold_removed_inputs(model, graph, plan, stats)
-            plan.add_bias, folded = result.new_bias, result.folded
-        clock.lap("fold")
-        apply_plan(model, plan)
+        check_plan(model, plan)  # all or nothing: before folding changes a bias
+        touched = [*plan.keep, *plan.attrs, *(graph.norm_after[n] for n in plan.keep if n in graph.norm_after)]
+        with transaction(model, touched):
+            if fold_bias and plan:
+                result = fold_removed_inputs(model, graph, plan, stats)
+                plan.add_bias, folded = result.new_bias, result.folded
+            clock.lap("fold")
+            apply_plan(model, plan, checked=True)
         clock.lap("cut")
     previous = current_plan(model)
     model.slimnet_plan = previous.then(plan) if previous is not None else plan
-    flops_after, params_after = count_flops(model, example_inputs)
+    flops_after, params_after = _flops(model, example_inputs, uses), count_params(model)
     widths_after = layer_widths(model)
     clock.lap("measure_after")
     return PruneReport(
@@ -183,8 +189,8 @@ def run_surgery(
         floored=decision.floored,
         warnings=list(graph.warnings),
         folded=folded,
-        # wall time per step; "surgery" is trace + plan + fold + cut (the two measure steps count FLOPs
-        # for this report, and the first also records the inputs folding needs)
+        # wall time per step; "surgery" is trace + plan + fold + cut (the measure steps count FLOPs on
+        # shapes for this report, and the first also records the inputs folding needs: one real forward)
         seconds={**clock.laps, "surgery": sum(clock.laps[k] for k in ("trace", "plan", "fold", "cut"))},
         plan=model.slimnet_plan,
         pass_plan=plan,

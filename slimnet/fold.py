@@ -28,10 +28,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from slimnet.graph import ChannelGraph
+from slimnet.graph import NORM_TYPES, ChannelGraph
 from slimnet.plan import PrunePlan
 from slimnet.surgery import add_zero_bias, as_index
 
@@ -177,7 +176,7 @@ def fold_removed_inputs(model: nn.Module, graph: ChannelGraph, plan: PrunePlan, 
         norm = modules.get(graph.norm_after.get(name, ""))
         if module.bias is not None:
             module.bias.add_(delta.to(module.bias))
-        elif isinstance(norm, _BatchNorm):
+        elif isinstance(norm, NORM_TYPES):
             if norm.running_mean is not None:  # without running stats the BN re-centres every batch
                 norm.running_mean.sub_(delta.to(norm.running_mean))
         else:

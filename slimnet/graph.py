@@ -16,21 +16,32 @@ A grouped conv (``groups=G``, not depthwise) reads input block ``g`` and writes 
 its input and output axes each split into ``G`` equal blocks. We keep ``groups`` unchanged and require
 every block to keep the *same number* of channels (which ones may differ per block), recorded as the
 space's ``blocks``; ``plan`` honours it by rounding the kept count per block up, ``surgery`` slices the
-weight's input dimension block by block.
+weight's input dimension block by block. When the conv reads a concatenation, its parts are *tied*:
+each keeps the same count per block (``ChannelGraph.ties``, honoured by ``plan``).
+
+``chunk`` / ``split`` along channels cut a space into parts, each its own space from then on (the
+space's ``parts``). ``chunk(k)`` ties its parts to equal counts (it re-splits whatever width it gets);
+sizes the forward reads from a module attribute (``self.splits``, ``self.c``) are rewritten by the cut
+(``ChannelGraph.size_attrs`` -> ``PrunePlan.attrs``). A sum or product of layouts that end in different
+places (``cat(a, b) * gate``) cuts both at every boundary before merging.
 
 Anything whose channel semantics are unknown (an op we do not model, a grouped conv fed by unevenly
-aligned parts, a hard-coded reshape, channel shuffles and splits, the model's inputs and outputs)
-*freezes* the spaces it touches: frozen groups are left whole, with the reason recorded and one warning
-per kind of op naming the layers kept, so a model is never cut somewhere we do not understand.
+aligned parts, a hard-coded reshape or channel shuffle, split sizes written in the code, the model's
+inputs and outputs) *freezes* the spaces it touches: frozen groups are left whole, with the reason
+recorded; every frozen group holding a norm gets one warning naming its layers and the reason (other
+unknown ops one warning per kind), so a model is never cut somewhere we do not understand, silently.
 
-Shapes come from running the traced graph on *meta* tensors (no compute, no memory, the model's own
-tensors untouched); a forward the meta device cannot run falls back to one real forward.
+The forward is captured by ``torch.fx`` symbolic tracing, or by ``torch.export`` when that fails
+(``slimnet.capture``). fx graphs get their shapes from running on *meta* tensors (no compute, no
+memory, the model's own tensors untouched); a forward the meta device cannot run falls back to one
+real forward. Export graphs carry their shapes.
 
 This module knows nothing of Lightning or Hydra.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 from collections import Counter
@@ -43,6 +54,15 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from slimnet._modes import preserved_modes
+
+try:  # torchvision's FrozenBatchNorm2d keeps γ, β and the statistics as buffers (detection backbones)
+    from torchvision.ops.misc import FrozenBatchNorm2d
+except ImportError:  # torchvision is optional for the engine
+    FrozenBatchNorm2d = None
+
+# Norms whose per-channel entries we cut and whose |γ| ranks channels: BatchNorm*, SyncBatchNorm (both
+# `_BatchNorm`) and FrozenBatchNorm2d (γ a buffer: the same per-channel affine, nothing trained).
+NORM_TYPES: tuple[type, ...] = (_BatchNorm,) + ((FrozenBatchNorm2d,) if FrozenBatchNorm2d else ())
 
 
 class TraceError(RuntimeError):
@@ -58,12 +78,16 @@ class _Space:
 
     ``blocks``: the run splits into this many equal blocks that must keep equal channel counts (set by
     grouped convs; 1 means no constraint). Only the root's values count.
+
+    ``parts``: set when a ``chunk``/``split`` cut the run into consecutive sub-runs, each its own space
+    from then on; layouts that name the whole run are read through :func:`_expand`.
     """
 
-    __slots__ = ("blocks", "frozen_by", "id", "parent", "size")
+    __slots__ = ("blocks", "frozen_by", "id", "parent", "parts", "size")
 
     def __init__(self, id_: int, size: int):
         self.id, self.size, self.parent, self.frozen_by, self.blocks = id_, size, self, [], 1
+        self.parts: list[_Space] | None = None
 
     def root(self) -> _Space:
         node = self
@@ -82,6 +106,19 @@ class Segment:
 
 
 Layout = tuple  # tuple[Segment, ...]: the spaces one tensor's channel axis is made of, in order
+
+
+def _expand(layout: Layout) -> Layout:
+    """``layout`` with every space a chunk/split has cut replaced by its parts (same features, in order)."""
+    if not any(seg.space.parts for seg in layout):
+        return layout
+    out = []
+    for seg in layout:
+        if seg.space.parts:
+            out.extend(_expand(tuple(Segment(p, seg.mult) for p in seg.space.parts)))
+        else:
+            out.append(seg)
+    return tuple(out)
 
 
 def _layout_size(layout: Layout) -> int:
@@ -157,6 +194,15 @@ class ChannelGraph:
     # conv/linear -> the BatchNorm that alone reads its output (a constant added to the layer's output
     # can be absorbed there, through the running mean, when the layer has no bias)
     norm_after: dict[str, str] = field(default_factory=dict)
+    # groups that must keep equal counts: each tie is [(group id, k)], kept(group) / k equal for all
+    # (the parts of a chunk, the blocks of a grouped conv fed by a concatenation)
+    ties: list[list[tuple[int, int]]] = field(default_factory=list)
+    flops: dict[str, int] = field(default_factory=dict)  # conv/linear -> FLOPs (2 x MACs) per sample
+    # conv/linear -> output positions per sample (see `measure.weight_uses`); None when something else
+    # computes (a matmul, a black-box leaf with weights) or a shape is unknown
+    uses: dict[str, int] | None = None
+    # split sizes a cut rewrites: (module, attribute, "list" | "int", group ids of each part); see `split`
+    size_attrs: list[tuple[str, str, str, list[list[int]]]] = field(default_factory=list)
 
     def group_of(self, module: str, kind: str = "out") -> ChannelGroup:
         """The group a module's axis belongs to (its first segment's group)."""
@@ -180,7 +226,7 @@ _CHANNELWISE_MODULES = (
 )
 
 # Modules whose output has the input's shape exactly (shape propagation skips running them).
-_SAME_SHAPE_MODULES = (_BatchNorm,) + tuple(
+_SAME_SHAPE_MODULES = NORM_TYPES + tuple(
     m for m in _CHANNELWISE_MODULES if not issubclass(m, (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
                                                           nn.modules.pooling._AdaptiveAvgPoolNd,
                                                           nn.modules.pooling._AdaptiveMaxPoolNd, nn.Upsample,
@@ -225,6 +271,13 @@ _RESHAPE_METHODS = {"flatten", "view", "reshape", "squeeze", "unsqueeze"}
 _REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
 _REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
 _CAT_FUNCTIONS = {torch.cat, torch.concat}
+# Ops that compute FLOPs FlopCounterMode counts, outside conv and linear modules (by name: torch functions,
+# tensor methods and ATen ops alike): a graph holding one cannot have its FLOPs counted from layer shapes.
+COMPUTE_OPS = {"matmul", "mm", "bmm", "addmm", "baddbmm", "einsum", "linear", "conv1d", "conv2d", "conv3d",
+               "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "scaled_dot_product_attention",
+               "__matmul__", "addbmm", "addmv", "mv", "tensordot", "bilinear", "convolution"}
+_SPLIT_FUNCTIONS = {torch.chunk, torch.split, torch.tensor_split}
+_SPLIT_METHODS = {"chunk", "split", "tensor_split"}
 # Reading a tensor's metadata does not depend on which channels it holds.
 _METADATA_METHODS = {"size", "dim", "numel"}
 
@@ -242,7 +295,7 @@ class _Tracer(fx.Tracer):
         self.leaf_types = leaf_types
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, (_ConvNd, nn.Linear, _BatchNorm) + self.leaf_types):
+        if isinstance(m, (_ConvNd, nn.Linear) + NORM_TYPES + self.leaf_types):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -260,11 +313,35 @@ def _trace(model: nn.Module, leaf_types: tuple[type, ...]) -> fx.Graph:
                 where = f" in {frame[len('forward of '):]}"
                 break
         raise TraceError(
-            f"torch.fx could not trace {type(model).__name__}{where}: {type(err).__name__}: {err}. "
-            "Hint: data-dependent Python control flow defeats symbolic tracing; pass that submodule's "
-            "class in leaf_modules=[...] so it is kept whole, or rewrite the branch with torch.where."
-        ) from err
+            f"torch.fx could not trace {type(model).__name__}{where}: {type(err).__name__}: "
+            f"{_first_line(err)}") from err
     return graph
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:300] if text else type(err).__name__
+
+
+def _capture(model: nn.Module, leaf_types: tuple[type, ...], example_inputs: tuple) -> tuple[fx.Graph, dict]:
+    """The forward as a graph with module targets, and each node's shape: ``torch.fx`` symbolic tracing
+    first (10-30 ms), ``torch.export`` when that fails (0.2-3 s; it specialises shape checks and unpacks
+    ``*args``), a :class:`TraceError` naming both causes when neither can."""
+    try:
+        graph = _trace(model, leaf_types)
+    except TraceError as fx_err:
+        from slimnet.capture import export_graph  # only needed for forwards fx cannot read
+
+        try:
+            return export_graph(model, example_inputs, NORM_TYPES)
+        except Exception as export_err:  # noqa: BLE001 - export raises many types; report its own words
+            raise TraceError(
+                f"cannot capture {type(model).__name__}'s forward. {fx_err} And torch.export failed: "
+                f"{type(export_err).__name__}: {_first_line(export_err)}. Hint: pass the classes of the "
+                "submodules these name in leaf_modules=[...] so they are kept whole (fx then traces around "
+                "them), or rewrite data-dependent branches with torch.where."
+            ) from export_err
+    return graph, _shapes(model, graph, example_inputs)
 
 
 def _frames(tb) -> list[str]:
@@ -299,6 +376,10 @@ class _Analysis:
         self.unknown_kind: dict[fx.Node, str] = {}  # node of an unknown op -> its kind
         self.calls: Counter = Counter()  # module name -> times called
         self.norm_after: dict[str, list[str]] = {}  # conv/linear -> norms reading its output alone
+        self.ties: list[list[tuple[_Space, int]]] = []  # [(space, k)]: kept(space) / k equal for all
+        self.flops: Counter = Counter()  # conv/linear -> FLOPs per sample, over all its calls
+        self.uses: Counter | None = Counter()  # conv/linear -> output positions per sample; None: unknown
+        self.size_attrs: list[tuple[str, str, str, list[Layout]]] = []  # split sizes to rewrite, see `split`
 
     # -- helpers ------------------------------------------------------------------------------------
     def new_space(self, size: int, frozen_by: str | None = None) -> Layout:
@@ -310,14 +391,25 @@ class _Analysis:
 
     def freeze(self, layout, reason: str) -> None:
         if isinstance(layout, tuple) and layout and isinstance(layout[0], Segment):
-            for seg in layout:
+            for seg in _expand(layout):
                 seg.space.root().frozen_by.append(reason)
         elif isinstance(layout, (tuple, list)):
             for item in layout:
                 self.freeze(item, reason)
 
     def union(self, a: Layout, b: Layout, reason: str) -> Layout:
-        """Merge two layouts channel by channel; if their structures differ, freeze both."""
+        """Merge two layouts channel by channel; if their structures differ, freeze both.
+
+        Layouts of the same width whose spaces end in different places (``cat(a, b) * gate``, the gate
+        one conv's output) are first cut at every boundary of either, so both are the same runs.
+        """
+        a, b = _expand(a), _expand(b)
+        if ([s.space.size for s in a] != [s.space.size for s in b] and _layout_size(a) == _layout_size(b)
+                and all(seg.mult == 1 for seg in a + b)):
+            ends = sorted({e for lay in (a, b) for e in itertools.accumulate(s.space.size for s in lay)})
+            sizes = [e - s for s, e in zip([0, *ends[:-1]], ends)]
+            if self.cut_at(a, sizes) is not None and self.cut_at(b, sizes) is not None:
+                a, b = _expand(a), _expand(b)
         if len(a) == len(b) and all(x.space.size == y.space.size and x.mult == y.mult for x, y in zip(a, b)):
             for x, y in zip(a, b):
                 ra, rb = x.space.root(), y.space.root()
@@ -344,7 +436,12 @@ class _Analysis:
             root.blocks = combined
 
     def grouped(self, layout: Layout, groups: int, reason: str) -> None:
-        """A grouped conv's axis: every segment must cover whole blocks, which then keep equal counts."""
+        """A grouped conv's axis: every segment must cover whole blocks, which then keep equal counts.
+
+        Segments of different spaces (a concatenation feeding the conv) are tied: each keeps the same
+        count per block, so conv-group ``g`` still reads as many channels as every other group.
+        """
+        layout = _expand(layout)
         block = _layout_size(layout) // groups
         offset = 0
         for seg in layout:
@@ -355,16 +452,24 @@ class _Analysis:
             offset += size
         for seg in layout:
             self.constrain(seg.space.root(), seg.space.size // block, reason)
+        if len({seg.space.root().id for seg in layout}) > 1:
+            self.ties.append([(seg.space, seg.space.size // block) for seg in layout])
 
     def shape(self, node) -> torch.Size | None:
-        return self.shapes.get(node.name) if isinstance(node, fx.Node) else None
+        shape = self.shapes.get(node.name) if isinstance(node, fx.Node) else None
+        return shape if isinstance(shape, torch.Size) else None
+
+    def part_shapes(self, node) -> tuple | None:
+        """The shapes of the tensors an op returned as a tuple (``chunk``, ``split``), else None."""
+        shapes = self.shapes.get(node.name) if isinstance(node, fx.Node) else None
+        return shapes if isinstance(shapes, tuple) and not isinstance(shapes, torch.Size) else None
 
     def tensor_layout(self, arg):
         """Layout of an argument that is a channel-carrying tensor, else None."""
         if isinstance(arg, fx.Node):
             lay = self.layout.get(arg)
             if isinstance(lay, tuple) and lay and isinstance(lay[0], Segment):
-                return lay
+                return _expand(lay)
         return None
 
     def fresh_output(self, node, reason: str):
@@ -398,7 +503,7 @@ class _Analysis:
         if module not in self.module_out:
             self.module_out[module] = self.new_space(size)[0].space
             self.axes[(module, "out")] = (Segment(self.module_out[module]),)
-        return (Segment(self.module_out[module]),)
+        return _expand((Segment(self.module_out[module]),))
 
     # -- node handlers ------------------------------------------------------------------------------
     def run(self) -> None:
@@ -421,6 +526,16 @@ class _Analysis:
         if x is None:
             what = f"{type(m).__name__} on an input without channels"
             return self.unknown(node, f"{type(m).__name__} ('{name}') on an input without channels", what)
+        if isinstance(m, (_ConvNd, nn.Linear)) and (out_shape := self.shape(node)) is not None:
+            # 2 x MACs per sample: each output feature reads (inputs / groups) x kernel weights
+            fan_in = m.weight[0].numel()
+            self.flops[name] += 2 * fan_in * math.prod(out_shape) // max(int(out_shape[0]), 1)
+            channels = out_shape[-1] if isinstance(m, nn.Linear) else out_shape[1]
+            if self.uses is not None:
+                self.uses[name] += math.prod(out_shape) // max(int(out_shape[0]) * int(channels), 1)
+        elif isinstance(m, (_ConvNd, nn.Linear)) or (
+                not isinstance(m, NORM_TYPES) and any(True for _ in m.parameters(recurse=False))):
+            self.uses = None  # an unknown shape, a transposed conv, or a black box with weights
         if isinstance(m, _ConvNd) and not m.transposed:
             if m.groups == 1:
                 self.record(name, "in", x)
@@ -442,7 +557,7 @@ class _Analysis:
                                     "Linear on a tensor that is not (N, C)")
             self.record(name, "in", x)
             return self.output_space(name, m.out_features)
-        if isinstance(m, _BatchNorm):
+        if isinstance(m, NORM_TYPES):
             self.record(name, "bn", x)
             source = node.args[0]
             if (source.op == "call_module" and len(source.users) == 1
@@ -458,6 +573,8 @@ class _Analysis:
     def call_function(self, node):
         fn = node.target
         is_method = node.op == "call_method"
+        if str(getattr(fn, "__name__", fn)).split(".")[0] in COMPUTE_OPS:
+            self.uses = None  # FLOPs outside conv and linear layers: shapes of those alone do not count them
         x = self.tensor_layout(node.args[0]) if node.args else None
         if (is_method and fn in _METADATA_METHODS) or fn is getattr:
             return None  # x.size(), x.shape: metadata, not channel content
@@ -471,6 +588,8 @@ class _Analysis:
             return self.binary(node)
         if not is_method and fn in _CAT_FUNCTIONS:
             return self.cat(node)
+        if (fn in _SPLIT_METHODS) if is_method else (fn in _SPLIT_FUNCTIONS):
+            return self.split(node, x)
         if (fn in _RESHAPE_METHODS) if is_method else (fn in _RESHAPE_FUNCTIONS):
             if x is None:
                 return None
@@ -499,6 +618,117 @@ class _Analysis:
         if kind is not None and out:  # an item of an unknown op's tuple (chunk, split): that op's doing
             self.unknowns[kind][1].extend(seg.space for seg in out)
         return out
+
+    def split(self, node, x: Layout | None):
+        """``chunk`` / ``split`` / ``tensor_split``: along channels, each part becomes its own channel space.
+
+        ``chunk(k)`` recomputes its parts from the channel count it is given, so it still splits in the
+        right places after a cut as long as every part keeps the same number of channels: the parts are
+        tied. ``split`` with sizes computed from the tensor's shape (fx nodes) behaves the same when the
+        sizes are equal. Sizes the forward reads from its module (``torch.split(x, self.splits, 1)`` in
+        timm's MixedConv2d, ``split((self.c, self.c), 1)`` in ultralytics' C2f) are rewritten by the cut:
+        a list attribute equal to the sizes gets each part's kept count, an int attribute equal to every
+        size gets the common count (the parts are then tied). Sizes written as numbers in the code, or
+        matching no attribute (or several), cannot follow a cut: left whole, with a warning.
+        """
+        what = node.target if node.op == "call_method" else node.target.__name__
+        parts, shape_in = self.part_shapes(node), self.shape(node.args[0]) if node.args else None
+        if x is None or parts is None or shape_in is None or len(shape_in) < 2:
+            return self.unknown(node, f"'{what}' of a tensor without channels", what)
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        if dim % len(shape_in) != 1:  # along batch or space: every part keeps all the channels
+            return tuple(x for _ in parts)
+        sizes = [int(p[1]) for p in parts]
+        arg = node.args[1] if len(node.args) > 1 else next(iter(v for k, v in node.kwargs.items() if k != "dim"))
+        recomputed = what == "chunk" or (what == "tensor_split" and isinstance(arg, int))  # k parts of any size
+        fixed = not recomputed and not isinstance(arg, fx.Node) and not (
+            isinstance(arg, (list, tuple)) and all(isinstance(a, fx.Node) for a in arg))
+        attr = self.size_attribute(node, sizes) if fixed else None
+        if fixed and attr is None:
+            return self.unknown(node, f"'{what}' with sizes {sizes} fixed in the model's code",
+                                f"'{what}' with sizes fixed in the model's code (use chunk(k), or keep the sizes "
+                                "in one list attribute of the module)")
+        if attr is not None and attr[2] == "list":  # each part its own space, its size rewritten
+            pieces = self.cut_at(x, sizes)
+            if pieces is None:
+                return self.unknown(node, f"'{what}' across flattened or constrained channels",
+                                    f"'{what}' across flattened or constrained channels")
+            self.size_attrs.append((*attr, pieces))
+            return tuple(pieces)
+        if len(set(sizes)) != 1:
+            return self.unknown(node, f"'{what}' into unequal parts {sizes}", f"'{what}' into unequal parts")
+        pieces = self.cut_at(x, sizes)
+        if pieces is None:
+            return self.unknown(node, f"'{what}' across flattened or constrained channels",
+                                f"'{what}' across flattened or constrained channels")
+        if any(len(p) != 1 for p in pieces):  # a part made of several spaces: equal sums, not expressible
+            return self.unknown(node, f"'{what}' whose parts span several layers' channels",
+                                f"'{what}' whose parts span several layers' channels")
+        self.ties.append([(p[0].space, 1) for p in pieces])
+        if attr is not None:  # an int attribute: every part keeps the same (tied) count
+            self.size_attrs.append((*attr, pieces))
+        return tuple(pieces)
+
+    def size_attribute(self, node, sizes: list[int]) -> tuple[str, str, str] | None:
+        """``(module, attribute, kind)`` the split sizes come from, if exactly one attribute of the module
+        running the split holds them: a list/tuple equal to ``sizes`` ("list"), else an int equal to every
+        size ("int"). Found through the node's ``nn_module_stack`` (fx and export both record it)."""
+        stack = node.meta.get("nn_module_stack")  # fx records none for the root's own ops
+        path = list(stack.values())[-1][0] if stack else ""
+        module = self.modules.get(path)
+        if module is None:
+            return None
+        public = {k: v for k, v in vars(module).items() if not k.startswith("_")}
+        matches = [(k, "list") for k, v in public.items() if isinstance(v, (list, tuple)) and len(v) == len(sizes)
+                   and all(type(i) is int for i in v) and list(v) == sizes]
+        if not matches and len(set(sizes)) == 1:
+            matches = [(k, "int") for k, v in public.items() if type(v) is int and v == sizes[0]]
+        if len(matches) != 1 or any(a[:2] == (path, matches[0][0]) for a in self.size_attrs):
+            return None  # none, ambiguous, or the same attribute splitting a second tensor
+        return (path, *matches[0])
+
+    def cut_at(self, layout: Layout, sizes: list[int]) -> list[Layout] | None:
+        """``layout`` cut into consecutive runs of ``sizes`` channels, splitting spaces where a run ends
+        inside one; None where a space cannot be split (flattened features, grouped-conv blocks, ties)."""
+        bounds, total = [], 0
+        for size in sizes[:-1]:
+            total += size
+            bounds.append(total)
+        for bound in bounds:
+            offset = 0
+            for seg in _expand(layout):
+                size = seg.space.size * seg.mult
+                if offset < bound < offset + size:
+                    if seg.mult != 1 or not self.split_space(seg.space, bound - offset):
+                        return None
+                    break
+                offset += size
+        pieces, current, offset, bounds = [], [], 0, bounds + [total + sizes[-1]]
+        for seg in _expand(layout):
+            current.append(seg)
+            offset += seg.space.size * seg.mult
+            if offset == bounds[len(pieces)]:
+                pieces.append(tuple(current))
+                current = []
+        return pieces
+
+    def split_space(self, space: _Space, at: int) -> bool:
+        """Cut ``space`` after its first ``at`` channels, and every space merged with it alike."""
+        root = space.root()
+        if root.blocks > 1 or any(s.root() is root for tie in self.ties for s, _ in tie):
+            return False
+        members = [s for s in self.spaces if s.parts is None and s.root() is root]
+        heads = None
+        for member in members:
+            member.parts = [self.new_space(at)[0].space, self.new_space(member.size - at)[0].space]
+            if heads is None:
+                heads = member.parts
+                for part in heads:
+                    part.frozen_by = list(root.frozen_by)
+            else:
+                for part, head in zip(member.parts, heads):
+                    part.parent = head
+        return True
 
     def channelwise(self, node, x: Layout):
         shape_in, shape_out = self.shape(node.args[0]), self.shape(node)
@@ -587,12 +817,13 @@ class _Analysis:
 
     # -- results ------------------------------------------------------------------------------------
     def result(self) -> ChannelGraph:
+        live = [space for space in self.spaces if space.parts is None]  # a split space lives on in its parts
         roots: dict[int, ChannelGroup] = {}
-        for space in self.spaces:
+        for space in live:
             root = space.root()
             if root.id not in roots:
                 roots[root.id] = ChannelGroup(id=len(roots), size=root.size)
-        for space in self.spaces:
+        for space in live:
             group = roots[space.root().id]
             group.blocks = space.root().blocks
             for reason in space.frozen_by:
@@ -601,19 +832,28 @@ class _Analysis:
         axes = {}
         for (module, kind), layout in self.axes.items():
             offset, parts = 0, []
-            for seg in layout:
+            for seg in _expand(layout):
                 group = roots[seg.space.root().id]
                 group.refs.append(AxisRef(module, kind, offset, seg.mult))
                 parts.append((group.id, seg.space.size, seg.mult))
                 offset += seg.space.size * seg.mult
             axes[(module, kind)] = parts
         groups = sorted(roots.values(), key=lambda g: g.id)
+        ties = self._tied_groups(roots, groups)
         warnings = []
+        frozen_with_norm = set()
+        for g in groups:  # say what is out of reach: every frozen group a norm could have ranked
+            if g.frozen_by and g.norms:
+                frozen_with_norm.add(g.id)
+                more = f" (+{len(g.frozen_by) - 1} more reason(s))" if len(g.frozen_by) > 1 else ""
+                warnings.append(f"{g.describe()} kept whole: {g.frozen_by[0]}{more}")
         for kind, (nodes, spaces) in self.unknowns.items():
             # the model's input and output channels are never cut anyway, and channels no layer sees
-            # cannot be: an op on those alone costs nothing
-            touched = [g for g in {roots[s.root().id].id: roots[s.root().id] for s in spaces}.values()
-                       if g.refs and not any(r in ("model input", "model output") for r in g.frozen_by)]
+            # cannot be: an op on those alone costs nothing; groups with a norm were named above
+            live_spaces = [seg.space for s in spaces for seg in _expand((Segment(s),))]  # split ones: their parts
+            touched = [g for g in {roots[s.root().id].id: roots[s.root().id] for s in live_spaces}.values()
+                       if g.refs and g.id not in frozen_with_norm
+                       and not any(r in ("model input", "model output") for r in g.frozen_by)]
             if not touched:
                 continue
             kept = sorted({name for g in touched for name in _layer_names(g)})
@@ -621,7 +861,39 @@ class _Analysis:
                             + (f" in {_listing(kept, 4)}" if kept else ""))
         norm_after = {layer: norms[0] for layer, norms in self.norm_after.items()
                       if len(norms) == 1 and self.calls[layer] == 1 and self.calls[norms[0]] == 1}
-        return ChannelGraph(groups=groups, axes=axes, warnings=warnings, norm_after=norm_after)
+        size_attrs = [(module, attr, kind, [[roots[seg.space.root().id].id for seg in _expand(piece)]
+                                            for piece in pieces])
+                      for module, attr, kind, pieces in self.size_attrs]
+        return ChannelGraph(groups=groups, axes=axes, warnings=warnings, norm_after=norm_after, ties=ties,
+                            flops=dict(self.flops), size_attrs=size_attrs,
+                            uses=dict(self.uses) if self.uses is not None else None)
+
+    def _tied_groups(self, roots: dict[int, ChannelGroup], groups: list[ChannelGroup]) -> list:
+        """Ties as group ids; a group tied to one that is left whole is left whole too (it cannot shrink
+        alone), and a tie a group enters twice with different block counts freezes all its groups."""
+        ties = []
+        for tie in self.ties:
+            members: dict[int, int] = {}
+            for space, k in tie:
+                for part in _expand((Segment(space),)):  # a tied space split later: should not happen
+                    gid = roots[part.space.root().id].id
+                    if members.setdefault(gid, k) != k:
+                        members[gid] = -1
+            if len(members) > 1 or -1 in members.values():
+                ties.append(sorted(members.items()))
+        changed = True
+        while changed:  # freezing spreads along ties until nothing changes
+            changed = False
+            for tie in ties:
+                frozen = [groups[g] for g, k in tie if groups[g].frozen_by or k < 0]
+                if not frozen:
+                    continue
+                reason = f"tied to {frozen[0].describe()}, which is kept whole ({(frozen[0].frozen_by or ['uneven blocks'])[0]})"
+                for g, _ in tie:
+                    if not groups[g].frozen_by:
+                        groups[g].frozen_by.append(reason)
+                        changed = True
+        return [tie for tie in ties if not any(groups[g].frozen_by for g, _ in tie)]
 
 
 def _layer_names(group: ChannelGroup) -> list[str]:
@@ -651,7 +923,10 @@ class _ShapeRecorder(fx.Interpreter):
 
     def run_node(self, n):
         out = super().run_node(n)
-        self.shapes[n.name] = out.shape if isinstance(out, torch.Tensor) else None
+        if isinstance(out, (tuple, list)) and out and all(isinstance(t, torch.Tensor) for t in out):
+            self.shapes[n.name] = tuple(t.shape for t in out)  # chunk, split: one shape per part
+        else:
+            self.shapes[n.name] = out.shape if isinstance(out, torch.Tensor) else None
         return out
 
     def get_attr(self, target, args, kwargs):
@@ -745,20 +1020,19 @@ def _as_batch_of_two(example_inputs) -> tuple:
 
 
 def trace_channel_groups(model: nn.Module, example_inputs, leaf_modules=()) -> ChannelGraph:
-    """Trace ``model`` with ``torch.fx`` and return its channel groups.
+    """Trace ``model`` (``torch.fx``, else ``torch.export``) and return its channel groups.
 
     Args:
-        model: any ``nn.Module`` whose forward ``torch.fx.symbolic_trace`` can capture.
+        model: any ``nn.Module`` whose forward ``torch.fx`` or ``torch.export`` can capture.
         example_inputs: a tensor or tuple of tensors the model accepts (shapes matter, values do not).
         leaf_modules: module classes to keep as black boxes (their channels are left whole).
 
     Raises:
-        TraceError: the forward cannot be traced; the message names the module and what to do.
+        TraceError: neither way can capture the forward; the message names both causes and what to do.
     """
     with preserved_modes(model):
         model.train()  # the train-mode graph includes auxiliary heads that also consume channels
-        graph = _trace(model, tuple(leaf_modules))
-        shapes = _shapes(model, graph, _as_batch_of_two(example_inputs))
+        graph, shapes = _capture(model, tuple(leaf_modules), _as_batch_of_two(example_inputs))
     analysis = _Analysis(model, graph, shapes)
     analysis.run()
     return analysis.result()

@@ -32,19 +32,23 @@ class PrunePlan:
 
     ``add_bias``: layers that had no bias and were given one (β folding), so that a replay on a fresh
     model has the same parameters as the pruned one.
+
+    ``attrs``: module attributes the cut rewrites, ``{module: {attribute: value}}``: the split sizes a
+    forward reads from its module (``self.splits``, ``self.c``), so the cut model splits where it must.
     """
 
     keep: dict[str, dict[str, list[int]]] = field(default_factory=dict)
     threshold: float | None = None
     policy: dict = field(default_factory=dict)
     add_bias: list[str] = field(default_factory=list)
+    attrs: dict[str, dict[str, object]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.keep)
 
     def to_dict(self) -> dict:
         return {"format": PLAN_FORMAT, "threshold": self.threshold, "policy": self.policy, "keep": self.keep,
-                "add_bias": self.add_bias}
+                "add_bias": self.add_bias, "attrs": self.attrs}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
@@ -55,7 +59,7 @@ class PrunePlan:
             raise ValueError(f"not a slimnet plan (format {data.get('format')!r}, expected {PLAN_FORMAT!r})")
         keep = {m: {k: [int(i) for i in idx] for k, idx in axes.items()} for m, axes in data["keep"].items()}
         return cls(keep=keep, threshold=data.get("threshold"), policy=data.get("policy", {}),
-                   add_bias=list(data.get("add_bias", [])))
+                   add_bias=list(data.get("add_bias", [])), attrs=dict(data.get("attrs", {})))
 
     @classmethod
     def from_json(cls, text: str) -> PrunePlan:
@@ -69,7 +73,10 @@ class PrunePlan:
                 before = keep.get(module, {}).get(kind)
                 keep.setdefault(module, {})[kind] = [before[i] for i in idx] if before is not None else idx
         add_bias = list(dict.fromkeys(self.add_bias + later.add_bias))
-        return PrunePlan(keep=keep, threshold=later.threshold, policy=later.policy, add_bias=add_bias)
+        attrs = {m: dict(a) for m, a in self.attrs.items()}
+        for module, values in later.attrs.items():  # the later cut's sizes are the current ones
+            attrs.setdefault(module, {}).update(values)
+        return PrunePlan(keep=keep, threshold=later.threshold, policy=later.policy, add_bias=add_bias, attrs=attrs)
 
 
 @dataclass
@@ -167,18 +174,19 @@ def decide(
               "min_channels": min_channels, "round_to": round_to}
     if thresh is None:
         thresh = threshold_for_percent(all_gammas(graph, model), percent)
-    kept, floored = {}, []
+    counts, floored = {}, []
     for gid, score in scores.items():
         blocks = graph.groups[gid].blocks
         strong = score > thresh
         n_strong = int(strong.sum())
         # equal blocks (a grouped conv's groups) keep as many as the block with the most strong channels
         n_need = n_strong if blocks == 1 else int(strong.view(blocks, -1).sum(1).max()) * blocks
-        n_keep = _keep_count(n_need, len(score), min_channels, round_to, blocks)
-        if n_keep > n_need and n_strong < min(min_channels, len(score)):
+        counts[gid] = _keep_count(n_need, len(score), min_channels, round_to, blocks)
+        if counts[gid] > n_need and n_strong < min(min_channels, len(score)):
             floored.append(graph.groups[gid].describe())
-        if n_keep < len(score):
-            kept[gid] = _strongest(score, n_keep, blocks)  # the strongest n_keep, in original order
+    counts = _tied_counts(graph, counts, round_to)
+    kept = {gid: _strongest(scores[gid], n, graph.groups[gid].blocks)  # the strongest n, in original order
+            for gid, n in counts.items() if n < len(scores[gid])}
     if floored:
         warnings.warn(
             f"prune: {len(floored)} layer group(s) had fewer than min_channels={min_channels} channels "
@@ -192,10 +200,64 @@ def decide(
     return PlanDecision(plan=plan, threshold=thresh, kept=kept, floored=floored)
 
 
+def _tied_counts(graph: ChannelGraph, counts: dict[int, int], round_to: int) -> dict[int, int]:
+    """Counts that honour the graph's ties (kept / k equal across a tie): each tie keeps, per k, the most
+    any member needs, stepped so every member stays a multiple of its blocks and ``round_to``; a tie
+    with a member that has no count (nothing ranks it, or kept whole) keeps every member whole. Counts
+    only grow, so repeating until nothing changes settles groups that sit in several ties."""
+    counts = dict(counts)
+    changed = True
+    while changed:
+        changed = False
+        for tie in graph.ties:
+            groups = [graph.groups[g] for g, _ in tie]
+            if any(g not in counts for g, _ in tie):
+                changed |= any(counts.pop(g, None) is not None for g, _ in tie)  # absent = kept whole
+                continue
+            step = 1
+            for (g, k), group in zip(tie, groups):
+                need = math.lcm(group.blocks, round_to)  # kept(g) = t * k must be a multiple of this
+                step = math.lcm(step, need // math.gcd(need, k))
+            per_k = max(math.ceil(counts[g] / k) for g, k in tie)
+            per_k = min(math.ceil(per_k / step) * step, min(group.size // k for (_, k), group in zip(tie, groups)))
+            for (g, k), group in zip(tie, groups):
+                if per_k * k >= group.size:  # kept whole: absent, like a group nothing ranks
+                    changed |= counts.pop(g, None) is not None
+                elif counts[g] != per_k * k:
+                    counts[g], changed = per_k * k, True
+    return counts
+
+
+def drop_untied(graph: ChannelGraph, kept: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """``kept`` without the cuts that break a tie (members keeping different counts per k): those
+    groups are left whole, so a plan made without ranking (``prune_zeroed``) stays consistent."""
+    kept = dict(kept)
+    changed = True
+    while changed:
+        changed = False
+        for tie in graph.ties:
+            per_k = {len(kept[g]) // k if g in kept and len(kept[g]) % k == 0 else None for g, k in tie}
+            if len(per_k) > 1 or None in per_k and any(g in kept for g, _ in tie):
+                changed |= any(kept.pop(g, None) is not None for g, _ in tie)
+    return kept
+
+
 def plan_for(graph: ChannelGraph, kept: dict[int, torch.Tensor], *, threshold: float | None = None,
              policy: dict | None = None) -> PrunePlan:
     """The plan that keeps ``kept[group id]`` (sorted channel indices) of each group, all of the others."""
-    return PrunePlan(keep=_axis_indices(graph, kept), threshold=threshold, policy=policy or {})
+    return PrunePlan(keep=_axis_indices(graph, kept), threshold=threshold, policy=policy or {},
+                     attrs=_size_attrs(graph, kept))
+
+
+def _size_attrs(graph: ChannelGraph, kept: dict[int, torch.Tensor]) -> dict[str, dict[str, object]]:
+    """New values of the split-size attributes the graph found: each part's kept channel count."""
+    out: dict[str, dict[str, object]] = {}
+    for module, attr, kind, parts in graph.size_attrs:
+        counts = [sum(len(kept[g]) if g in kept else graph.groups[g].size for g in part) for part in parts]
+        before = [sum(graph.groups[g].size for g in part) for part in parts]
+        if counts != before:
+            out.setdefault(module, {})[attr] = counts if kind == "list" else counts[0]  # "int": tied, all equal
+    return out
 
 
 def _axis_indices(graph: ChannelGraph, kept: dict[int, torch.Tensor]) -> dict[str, dict[str, list[int]]]:

@@ -13,18 +13,24 @@ rows of conv-group ``g`` the columns of the inputs that group ``g`` keeps.
 The plan may also name layers that received a bias when β folding had nowhere else to put a constant
 (``add_bias``): replaying it creates a zero bias there first, so the pruned ``state_dict`` loads.
 
+All or nothing: :func:`check_plan` checks every axis of a plan against the model (modules, kinds,
+index ranges, order, a grouped conv's equal blocks) before anything is cut, and :func:`transaction`
+puts every touched tensor and size attribute back if a step still fails, so a model is never left
+half-cut.
+
 Knows nothing of Lightning or Hydra.
 """
 
 from __future__ import annotations
 
+import contextlib
 from array import array
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
+from slimnet.graph import NORM_TYPES
 from slimnet.plan import PrunePlan
 
 
@@ -101,12 +107,13 @@ def _cut_linear(m: nn.Linear, kind: str, index: torch.Tensor) -> None:
         raise ValueError(f"cannot cut axis {kind!r} of a linear layer")
 
 
-def _cut_norm(m: _BatchNorm, kind: str, index: torch.Tensor) -> None:
+def _cut_norm(m: nn.Module, kind: str, index: torch.Tensor) -> None:
     if kind != "bn":
         raise ValueError(f"cannot cut axis {kind!r} of a norm")
-    for name in ("weight", "bias", "running_mean", "running_var"):
+    for name in ("weight", "bias", "running_mean", "running_var"):  # parameters or (FrozenBatchNorm2d) buffers
         _slice_param(m, name, index, 0)
-    m.num_features = len(index)
+    if hasattr(m, "num_features"):  # FrozenBatchNorm2d has none: its size is its buffers'
+        m.num_features = len(index)
 
 
 def as_index(idx) -> torch.Tensor:
@@ -121,7 +128,7 @@ def _cutter(module: nn.Module):
         return _cut_conv
     if isinstance(module, nn.Linear):
         return _cut_linear
-    if isinstance(module, _BatchNorm):
+    if isinstance(module, NORM_TYPES):
         return _cut_norm
     raise TypeError(f"slimnet cannot cut a {type(module).__name__}")
 
@@ -134,13 +141,115 @@ def add_zero_bias(module: nn.Module) -> None:
                                    requires_grad=w.requires_grad)
 
 
-def apply_plan(model: nn.Module, plan: PrunePlan) -> None:
-    """Cut ``model`` in place to the widths ``plan`` keeps, counted in the model's current channels."""
+_KINDS = {_cut_conv: ("out", "in", "dw"), _cut_linear: ("out", "in"), _cut_norm: ("bn",)}
+
+
+def _axis_size(module: nn.Module, kind: str) -> int:
+    if isinstance(module, _ConvNd):
+        return module.out_channels if kind == "out" else module.in_channels
+    if isinstance(module, nn.Linear):
+        return module.out_features if kind == "out" else module.in_features
+    return module.weight.shape[0] if getattr(module, "weight", None) is not None else module.running_mean.shape[0]
+
+
+def check_plan(model: nn.Module, plan: PrunePlan) -> None:
+    """Raise, naming every offending layer, unless ``apply_plan(model, plan)`` can cut every axis.
+
+    Touches nothing: call it before any tensor changes (β folding included), so a plan that cannot be
+    applied leaves the model exactly as it was.
+    """
     modules = dict(model.named_modules())
-    missing = [name for name in [*plan.keep, *plan.add_bias] if name not in modules]
+    missing = [name for name in [*plan.keep, *plan.add_bias, *plan.attrs] if name not in modules]
     if missing:
         raise ValueError(f"plan names modules this model does not have: {missing[:5]}; "
                          "was the plan made for another architecture or config?")
+    problems = []
+    for name, values in plan.attrs.items():
+        for attr, value in values.items():
+            current = getattr(modules[name], attr, None)
+            if type(current) is not type(value) and not (isinstance(current, (list, tuple)) and isinstance(value, list)):
+                problems.append(f"'{name}'.{attr} is {current!r}, cannot become {value!r}")
+    for name in plan.add_bias:
+        if not isinstance(modules[name], (_ConvNd, nn.Linear)):
+            problems.append(f"'{name}' ({type(modules[name]).__name__}) cannot take a bias")
+    for name, axes in plan.keep.items():
+        module = modules[name]
+        try:
+            cut = _cutter(module)
+        except TypeError as err:
+            problems.append(f"'{name}': {err}")
+            continue
+        for kind, idx in axes.items():
+            if kind not in _KINDS[cut]:
+                problems.append(f"'{name}' ({type(module).__name__}) has no axis {kind!r}")
+                continue
+            index, size = as_index(idx), _axis_size(module, kind)
+            if len(index) == 0 or (index[1:] <= index[:-1]).any() or index[0] < 0 or index[-1] >= size:
+                problems.append(f"'{name}' axis {kind!r}: kept indices must be increasing, in [0, {size}), "
+                                "and at least one")
+            elif isinstance(module, _ConvNd) and module.groups > 1 and kind in ("out", "in"):
+                try:
+                    _per_block(index, size, module.groups, "outputs" if kind == "out" else "inputs")
+                except ValueError as err:
+                    problems.append(f"'{name}': {err}")
+    if problems:
+        raise ValueError(f"plan cannot be applied, nothing was changed: {'; '.join(problems[:5])}"
+                         + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "")
+                         + ". Hint: a plan made for this model by slimnet never does this; re-plan after "
+                         "any change to the model.")
+
+
+@contextlib.contextmanager
+def transaction(model: nn.Module, names):
+    """On an exception inside, put back the tensors and size attributes of the named modules.
+
+    Cuts replace parameters (the old objects are kept here); folding changes biases and running means
+    in place (their values are cloned here). Costs one small clone per bias and running mean.
+    """
+    modules = dict(model.named_modules())
+    saved = []
+    for name in dict.fromkeys(names):
+        m = modules.get(name)
+        if m is None:
+            continue
+        values = {k: (t, t.detach().clone()) for k, t in [*m._parameters.items(), *m._buffers.items()]
+                  if t is not None and k in ("bias", "running_mean")}
+        attrs = {k: v for k, v in m.__dict__.items()  # sizes, and split sizes a plan rewrites
+                 if not k.startswith("_") and isinstance(v, (int, list, tuple))}
+        saved.append((m, dict(m._parameters), dict(m._buffers), attrs, values))
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for m, params, buffers, attrs, values in saved:
+                m._parameters.clear()
+                m._parameters.update(params)
+                m._buffers.clear()
+                m._buffers.update(buffers)
+                m.__dict__.update(attrs)
+                for tensor, value in values.values():
+                    tensor.copy_(value)
+        raise
+
+
+def apply_plan(model: nn.Module, plan: PrunePlan, *, checked: bool = False) -> None:
+    """Cut ``model`` in place to the widths ``plan`` keeps, counted in the model's current channels.
+
+    All or nothing: the plan is checked first (``checked=True``: the caller just did), and any failure
+    while cutting puts the model back.
+    """
+    if not checked:
+        check_plan(model, plan)
+    modules = dict(model.named_modules())
+    with transaction(model, [*plan.add_bias, *plan.keep, *plan.attrs]):
+        _apply_checked(modules, plan)
+
+
+def _apply_checked(modules: dict, plan: PrunePlan) -> None:
+    for name, values in plan.attrs.items():  # split sizes the forward reads: a tuple stays a tuple
+        for attr, value in values.items():
+            current = getattr(modules[name], attr)
+            setattr(modules[name], attr, tuple(value) if isinstance(current, tuple) else value)
     for name in plan.add_bias:
         add_zero_bias(modules[name])
     for name, axes in plan.keep.items():

@@ -39,7 +39,7 @@ from torch.nn.utils import prune as torch_prune
 from slimnet.api import run_surgery
 from slimnet.fold import InputStats, exactly_removable
 from slimnet.graph import ChannelGraph, ChannelGroup
-from slimnet.plan import PlanDecision, plan_for
+from slimnet.plan import PlanDecision, drop_untied, plan_for
 
 
 def make_masks_permanent(model: nn.Module) -> list[str]:
@@ -147,6 +147,7 @@ def prune_zeroed(model: nn.Module, example_inputs, *, exact: bool = True, fold_b
                 keep = _even_removal(removable, group.blocks)
                 if len(keep) < group.size:
                     kept[group.id] = keep
+        kept = drop_untied(graph, kept)  # chunk parts, a grouped conv's concatenated inputs: all or none
         plan = plan_for(graph, kept, policy={"zeroed": True, "exact": exact})
         return PlanDecision(plan=plan, threshold=None, kept=kept)
 

@@ -1,0 +1,82 @@
+"""What surgery can reach in a model, known before any training: call it before the sparse phase.
+
+A channel group is *reachable* when it is prunable (not frozen, born in a layer we can slice, ranked by a
+norm). The shares are:
+
+- **BN channels**: norm entries (BatchNorm, SyncBatchNorm, FrozenBatchNorm2d) that sit in a reachable
+  group, over all norm entries the forward uses. Sparsity on the others is wasted.
+- **FLOPs**: FLOPs of the conv and linear layers with at least one channel axis (filters or inputs) in a
+  reachable group, over the FLOPs of all conv and linear layers (per sample, from the traced shapes; the
+  train-mode graph, so auxiliary heads count). An upper bound on what a cut can remove.
+
+Every frozen group holding a norm is listed with its reason; ``trace_channel_groups`` warns about each.
+
+Knows nothing of Lightning or Hydra.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from slimnet.graph import ChannelGraph, trace_channel_groups
+
+
+@dataclass
+class Reach:
+    """The share of norm channels and of FLOPs surgery can cut, and what is left whole, and why."""
+
+    bn_channels: float  # reachable norm entries / all norm entries
+    flops: float  # FLOPs of layers with a cuttable channel axis / all conv+linear FLOPs
+    bn_channels_total: int
+    flops_total: int
+    frozen: list[tuple[str, str]] = field(default_factory=list)  # (layers, reason) per frozen group with a norm
+
+    def to_dict(self) -> dict:
+        return {"bn_channels": self.bn_channels, "flops": self.flops, "bn_channels_total": self.bn_channels_total,
+                "flops_total": self.flops_total, "frozen": [list(f) for f in self.frozen]}
+
+    def __str__(self) -> str:
+        lines = [f"surgery can reach {self.bn_channels:.0%} of {self.bn_channels_total} BN channels and "
+                 f"{self.flops:.0%} of the FLOPs"]
+        lines += [f"  kept whole: {layers}: {reason}" for layers, reason in self.frozen]
+        return "\n".join(lines)
+
+
+def reach_of(graph: ChannelGraph) -> Reach:
+    """:class:`Reach` of an already traced graph."""
+    bn_total = bn_reach = 0
+    for group in graph.groups:
+        entries = sum(group.size * ref.mult for ref in group.norms)
+        bn_total += entries
+        bn_reach += entries if group.prunable else 0
+    flops_total = sum(graph.flops.values())
+    flops_reach = 0
+    for module, flops in graph.flops.items():
+        parts = [gid for kind in ("out", "in", "dw") for gid, _, _ in graph.axes.get((module, kind), ())]
+        if any(graph.groups[gid].prunable for gid in parts):
+            flops_reach += flops
+    frozen = [(g.describe(), g.frozen_by[0]) for g in graph.groups if g.norms and g.frozen_by]
+    return Reach(bn_channels=bn_reach / bn_total if bn_total else 0.0,
+                 flops=flops_reach / flops_total if flops_total else 0.0,
+                 bn_channels_total=bn_total, flops_total=flops_total, frozen=frozen)
+
+
+def reach(model: nn.Module, example_inputs, leaf_modules=()) -> Reach:
+    """Trace ``model`` and say how much of it surgery can cut, before anything is trained.
+
+    Example::
+
+        r = slimnet.reach(model, torch.randn(1, 3, 224, 224))
+        print(r)            # shares, then one line per group kept whole, with its reason
+        r.to_dict()         # for results.json
+
+    The trace warns once per frozen group that holds a norm (and per unknown op); those warnings are
+    the same facts as ``Reach.frozen``.
+    """
+    graph = trace_channel_groups(model, example_inputs, leaf_modules)
+    for message in graph.warnings:
+        warnings.warn(f"reach: {message}", stacklevel=2)
+    return reach_of(graph)
