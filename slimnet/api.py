@@ -104,8 +104,29 @@ def prune(
         return decide(graph, model, thresh=thresh, percent=percent, min_channels=min_channels,
                       round_to=round_to)
 
-    return run_surgery(model, example_inputs, choose, fold_bias=fold_bias, measure_inputs=fold_bias,
-                       leaf_modules=leaf_modules, caller="prune")
+    report = run_surgery(model, example_inputs, choose, fold_bias=fold_bias, measure_inputs=fold_bias,
+                         leaf_modules=leaf_modules, caller="prune")
+    asked = thresh is not None or (percent or 0) > 0
+    if asked and not report.channels:
+        message = "prune: " + nothing_cut_message(model, report.threshold)
+        warnings.warn(message, stacklevel=2)
+        report.warnings.append(message)
+    return report
+
+
+def nothing_cut_message(model: nn.Module, threshold: float | None) -> str:
+    """Why a cut removed nothing, and which thresholds would remove something: silence is a bug."""
+    gammas = [m.weight.detach().abs().float().flatten() for m in model.modules()
+              if isinstance(m, NORM_TYPES) and getattr(m, "weight", None) is not None]
+    if not gammas:
+        return "the cut removed nothing: the model has no norm with a γ"
+    flat = torch.cat(gammas)
+    q = torch.quantile(flat, torch.tensor([0.0, 0.1, 0.3, 0.5, 0.7, 0.9]))
+    at = f"|γ| threshold {threshold:.4g}" if threshold is not None else "this policy"
+    return (f"the cut removed nothing at {at}: the network's |γ| run min {q[0]:.3g}, 10% {q[1]:.3g}, "
+            f"median {q[3]:.3g}, 90% {q[5]:.3g}; thresh={q[2]:.3g} / {q[3]:.3g} / {q[4]:.3g} would select 30 / 50 / "
+            "70% of the channels (or use percent= / target_flops=; a longer or stronger sparse phase pushes "
+            "more γ to zero)")
 
 
 @torch.no_grad()

@@ -83,3 +83,11 @@ def test_carry_optimizer_state_slices_each_state_like_its_weight(make):
     new.zero_grad()
     model(X).square().mean().backward()
     new.step()  # and the optimizer works with what it was given
+
+
+def test_a_threshold_that_removes_nothing_says_so_and_suggests_one():
+    model = _net()  # every |γ| in [0, 1): a threshold of 0 keeps them all
+    with pytest.warns(UserWarning, match=r"removed nothing at \|γ\| threshold 0.*would select 30 / 50 / 70%"):
+        report = slimnet.prune(model, X, thresh=0.0)
+    assert report.flops_after == report.flops_before
+    assert any("removed nothing" in w for w in report.warnings)  # in the report, not only on stderr
