@@ -36,6 +36,13 @@ def hflip(image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
     return image.flip(-1), {**target, "boxes": flipped}
 
 
+def _is_batch(batch) -> bool:
+    """An (images, targets) batch, as opposed to e.g. the model's ``example_input_array``, which
+    Lightning's ModelSummary also sends through ``on_after_batch_transfer``."""
+    return (isinstance(batch, (list, tuple)) and len(batch) == 2 and isinstance(batch[1], (list, tuple))
+            and all(isinstance(t, dict) for t in batch[1]))
+
+
 class InMemoryDetectionDataset(Dataset):
     """uint8 images (N, 3, H, W) held in memory, with one target dict per image."""
 
@@ -108,7 +115,7 @@ class DetectionDataModule(pl.LightningDataModule):
         return self._loader(self.test_set, shuffle=False, stage="test")
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        if not (self.augment and self.trainer is not None and self.trainer.training):
+        if not (self.augment and self.trainer is not None and self.trainer.training and _is_batch(batch)):
             return batch
         images, targets = batch
         flips = (torch.rand(len(images)) < 0.5).tolist()
