@@ -139,6 +139,10 @@ def build_detector(kind: str = "fasterrcnn", backbone: str = "resnet18", num_cla
         raise ValueError(f"unknown detector kind {kind!r}; choose one of: {', '.join(DETECTORS)}")
     if num_classes < 1:
         raise ValueError(f"num_classes counts foreground classes and must be >= 1, got {num_classes}")
+    if kind == "fcos" and (fpn_channels % 32 or fpn_channels < 64):
+        # FCOSHead normalises with GroupNorm(32, C): C = 32 leaves one value per group on the 1x1 top level
+        raise ValueError(f"fcos needs fpn_channels a multiple of 32 and >= 64 (its heads use GroupNorm(32)), "
+                         f"got {fpn_channels}")
     builder, two_stage, default_scale = DETECTORS[kind]
     body = _fpn_backbone(backbone, norm, trainable_layers, two_stage, fpn_channels)
     if backbone_weights:
