@@ -7,6 +7,7 @@ what the removed channels still emit into the remaining biases, ``surgery`` cuts
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -17,10 +18,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from slimnet._modes import preserved_modes
+from slimnet.budget import threshold_for_flops
 from slimnet.fold import InputStats, fold_removed_inputs
 from slimnet.graph import ChannelGraph, trace_channel_groups
 from slimnet.measure import count_flops
+from slimnet.optim_state import ParamSnapshot
 from slimnet.plan import PlanDecision, PrunePlan, decide, groups_summary
+from slimnet.prune_report import PruneReport
 from slimnet.surgery import apply_plan
 
 
@@ -48,6 +52,7 @@ def prune(
     *,
     thresh: float | None = None,
     percent: float | None = None,
+    target_flops: float | None = None,
     min_channels: int = 1,
     round_to: int = 1,
     fold_bias: bool = True,
@@ -62,6 +67,8 @@ def prune(
             is best when γ is small but not zero; for γ = 0 any input gives the exact constant).
         thresh: keep channels with |γ| > thresh (absolute; wins over ``percent``).
         percent: prune this fraction of all BatchNorm channels, ranked globally by |γ| (Liu et al.).
+        target_flops: keep at most this fraction of the FLOPs: the lowest |γ| threshold that fits the
+            budget is searched on the model as it is (no training per probe); wins over ``percent``.
         min_channels: no layer keeps fewer channels than this (the paper's code could empty a layer).
         round_to: keep channel counts a multiple of this, rounding up.
         fold_bias: fold the (near-)constant output of removed channels, ``act(β)`` when γ → 0, into the
@@ -70,13 +77,15 @@ def prune(
         leaf_modules: module classes kept as black boxes when tracing.
 
     Returns:
-        a report: ``flops_before/after``, ``params_before/after``, ``threshold``, ``channels``
+        a ``PruneReport``: ``flops_before/after``, ``params_before/after``, ``threshold``, ``channels``
         (module -> [before, after] for every layer that changed), ``groups``, ``warnings``, ``folded``
-        (layers that absorbed removed channels' constants) and ``plan``.
+        (layers that absorbed removed channels' constants), ``plan`` and ``pass_plan``.
 
     Raises:
         ValueError: the model has no BatchNorm (nothing to slim), or the policy is invalid.
     """
+    if thresh is not None and target_flops is not None:
+        raise ValueError("prune: give thresh or target_flops, not both")
     if not any(isinstance(m, _BatchNorm) for m in model.modules()):
         norms = sorted({type(m).__name__ for m in model.modules() if "Norm" in type(m).__name__})
         raise ValueError(
@@ -84,6 +93,12 @@ def prune(
             f"channels by{' (it normalises with ' + ', '.join(norms) + ')' if norms else ''}. Network slimming "
             "needs BatchNorm after the convs you want to prune. Hint: slimnet.prune_zeroed(model, x) turns "
             "filters you zeroed yourself (e.g. with torch.nn.utils.prune) into a smaller model.")
+
+    if target_flops is not None:
+        with torch.no_grad():
+            found, _ = threshold_for_flops(model, example_inputs, target_flops, min_channels=min_channels,
+                                           round_to=round_to, leaf_modules=leaf_modules)
+        thresh, percent = (found, None) if found > -math.inf else (None, 0.0)
 
     def choose(graph: ChannelGraph, stats: InputStats) -> PlanDecision:
         return decide(graph, model, thresh=thresh, percent=percent, min_channels=min_channels,
@@ -126,13 +141,14 @@ def run_surgery(
     stats_inputs=None,
     leaf_modules=(),
     caller: str = "prune",
-) -> dict:
+) -> PruneReport:
     """Measure, trace, let ``choose`` decide a plan, fold, cut, and report: the steps every entry shares.
 
     ``measure_inputs``: record each layer's input statistics (needed by ``fold_bias`` and by choosers
     that look at activations), over ``stats_inputs`` if given, else over ``example_inputs``.
     """
     clock = _Clock()
+    before = ParamSnapshot(model)  # lets carry_optimizer_state slice an optimizer's state afterwards
     flops_before, params_before, stats = _measure(model, example_inputs, measure_inputs, stats_inputs)
     widths_before = layer_widths(model)
     clock.lap("measure")
@@ -156,22 +172,24 @@ def run_surgery(
     flops_after, params_after = count_flops(model, example_inputs)
     widths_after = layer_widths(model)
     clock.lap("measure_after")
-    return {
-        "threshold": decision.threshold,
-        "flops_before": flops_before,
-        "flops_after": flops_after,
-        "params_before": params_before,
-        "params_after": params_after,
-        "channels": {n: [widths_before[n], w] for n, w in widths_after.items() if w != widths_before.get(n)},
-        "groups": groups_summary(graph, decision.kept),
-        "floored": decision.floored,
-        "warnings": graph.warnings,
-        "folded": folded,
+    return PruneReport(
+        threshold=decision.threshold,
+        flops_before=flops_before,
+        flops_after=flops_after,
+        params_before=params_before,
+        params_after=params_after,
+        channels={n: [widths_before[n], w] for n, w in widths_after.items() if w != widths_before.get(n)},
+        groups=groups_summary(graph, decision.kept),
+        floored=decision.floored,
+        warnings=list(graph.warnings),
+        folded=folded,
         # wall time per step; "surgery" is trace + plan + fold + cut (the two measure steps count FLOPs
         # for this report, and the first also records the inputs folding needs)
-        "seconds": {**clock.laps, "surgery": sum(clock.laps[k] for k in ("trace", "plan", "fold", "cut"))},
-        "plan": model.slimnet_plan,
-    }
+        seconds={**clock.laps, "surgery": sum(clock.laps[k] for k in ("trace", "plan", "fold", "cut"))},
+        plan=model.slimnet_plan,
+        pass_plan=plan,
+        before=before,
+    )
 
 
 class _Clock:

@@ -5,7 +5,8 @@ An artifact is one ``torch.save`` file holding only tensors, strings and numbers
 
 - ``state_dict``: the pruned weights;
 - ``plan``: the ``PrunePlan`` as JSON (kept indices per module axis, in the original numbering);
-- ``model_config``: JSON of the registry call that builds the *unpruned* model, when known.
+- ``model_config``: JSON of the call that builds the *unpruned* model (a registry ``arch`` or a user's
+  ``_target_`` with its arguments), when known.
 
 Loading builds the unpruned model (from the config, or the one the caller passes), replays the plan to
 get the pruned shapes, then loads the weights: the plan and the weights always travel together.
@@ -73,9 +74,15 @@ def load_pruned(path: str | os.PathLike, model: nn.Module | None = None, map_loc
         if not data["model_config"]:
             raise ValueError(f"{path}: this artifact has no model config; "
                              "call load_pruned(path, model=<a freshly built unpruned model>)")
-        from slimnet.models.build import build_model  # the registry, not the training code
+        from slimnet._locate import TargetImportError
+        from slimnet.models.build import build_model  # the registry or the user's callable, no training code
 
-        model = build_model(json.loads(data["model_config"]))
+        config = json.loads(data["model_config"])
+        try:
+            model = build_model(config)
+        except TargetImportError as err:
+            raise TargetImportError(f"{path}: the model was built by {config.get('_target_')}, {err}; or call "
+                                    "load_pruned(path, model=<a freshly built unpruned model>)") from None
     replay_plan(model, plan)
     model.load_state_dict(data["state_dict"])
     return model

@@ -6,13 +6,27 @@ the fix, so a typo never costs hours of sparse training first.
 
 from __future__ import annotations
 
+import difflib
+import functools
+import inspect
 import math
+from pathlib import Path
 
-from omegaconf import DictConfig
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
 
+from slimnet._locate import TargetImportError, locate, unknown_keywords
 from slimnet.data import DATAMODULES
 from slimnet.models import list_models
+from slimnet.models.build import DATA_ARGS
+from slimnet.models.registry import _MODELS
 from slimnet.schedules import OPTIMIZERS, SCHEDULES
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# Groups whose keys are slimnet's own: any key that none of the group's files in conf/ has is a typo.
+_OWN_GROUPS = ("prune", "sparsity", "optim", "callbacks", "logger")
+# Keys of train.yaml itself, nested ones included (finetune.*, latency.*).
+_OWN_SECTIONS = ("finetune", "latency")
 
 
 class ConfigError(ValueError):
@@ -28,13 +42,107 @@ def pruning_enabled(cfg: DictConfig) -> bool:
     return p.epoch is not None and any(p.get(k) is not None for k in ("thresh", "percent", "target_flops"))
 
 
+@functools.cache
+def _known_keys(group: str) -> frozenset[str]:
+    """Every key any option of config group ``group`` (``conf/<group>/*.yaml``) sets, nested keys dotted."""
+    keys: set[str] = set()
+    for path in sorted((CONF_DIR / group).glob("*.yaml")):
+        keys |= _flat_keys(OmegaConf.to_container(OmegaConf.load(path)))
+    return frozenset(keys)
+
+
+@functools.cache
+def _train_yaml_keys() -> dict:
+    return OmegaConf.to_container(OmegaConf.load(CONF_DIR / "train.yaml"))
+
+
+def _flat_keys(tree, prefix: str = "") -> set[str]:
+    keys = set()
+    for key, value in (tree or {}).items():
+        if key == "defaults":
+            continue
+        keys.add(prefix + str(key))
+        if isinstance(value, dict):
+            keys |= _flat_keys(value, f"{prefix}{key}.")
+    return keys
+
+
+def _typo(where: str, key: str, known) -> ConfigError:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f" (did you mean {where}.{close[0]}?)" if close else ""
+    return ConfigError(f"{where}.{key} is not a setting{hint}; known keys of {where}: {', '.join(sorted(known))}")
+
+
+def _check_own_keys(cfg: DictConfig) -> None:
+    """Misspelt keys (``+prune.tresh=0.2``) fail here, before any data is read."""
+    for group in _OWN_GROUPS:
+        known = _known_keys(group)
+        if not known or group not in cfg:
+            continue
+        for key in _flat_keys(OmegaConf.to_container(cfg[group])):
+            if key not in known:
+                raise _typo(group, key, known)
+    train_keys = _train_yaml_keys()
+    for section in _OWN_SECTIONS:
+        known = set(train_keys.get(section) or {})
+        for key in (cfg.get(section) or {}):
+            if key not in known:
+                raise _typo(section, key, known)
+    top = set(train_keys) - {"defaults"} | {"data", "model", "experiment", "hydra", *_OWN_GROUPS, "trainer"}
+    for key in cfg:
+        if key not in top:
+            raise ConfigError(f"{key} is not a setting (did you mean "
+                              f"{(difflib.get_close_matches(key, list(top), n=1) or ['one of ' + ', '.join(sorted(top))])[0]}?)")
+
+
+def _check_call(where: str, fn, given, what: str) -> None:
+    unknown = unknown_keywords(fn, given)
+    if unknown:
+        known = [n for n in inspect.signature(fn).parameters if n not in ("self", "args", "kwargs")]
+        raise _typo(where, unknown[0], known) if known else ConfigError(
+            f"{where}.{unknown[0]} is not an argument of {what}")
+
+
+def _check_target(where: str, section: DictConfig, skip=()) -> None:
+    try:
+        fn = locate(section._target_)
+    except TargetImportError as err:
+        raise ConfigError(f"{where}._target_: {err}") from None
+    _check_call(where, fn, [k for k in section if k not in ("_target_", *skip)], section._target_)
+
+
+def check_model_and_data(cfg: DictConfig) -> None:
+    """The model and data keys are the arguments of what they build: check them against its signature."""
+    for where in ("data", "model"):
+        if OmegaConf.is_missing(cfg[where], "_target_") if "_target_" in cfg[where].keys() else False:
+            raise ConfigError(f"{where}=custom needs {where}._target_=<dotted path>, e.g. "
+                              + ("data._target_=mypkg.data.MyDataModule" if where == "data"
+                                 else "model._target_=mypkg.nets.TinyCNN"))
+    if "_target_" in cfg.data:
+        _check_target("data", cfg.data)
+    elif cfg.data.get("name") not in DATAMODULES:
+        raise ConfigError(f"data.name={cfg.data.get('name')!r} is unknown; choose one of: {', '.join(DATAMODULES)}, "
+                          "or data=custom data._target_=<your LightningDataModule>")
+    else:
+        factory = DATAMODULES[cfg.data.name]
+        _check_call("data", getattr(factory, "func", factory), [k for k in cfg.data if k != "name"],
+                    f"the {cfg.data.name} data module")
+    if "_target_" in cfg.model:
+        _check_target("model", cfg.model, skip=DATA_ARGS)
+    elif cfg.model.get("arch") not in list_models():
+        raise ConfigError(f"model.arch={cfg.model.get('arch')!r} is unknown; choose one of: "
+                          f"{', '.join(list_models())}, or model=custom model._target_=<your nn.Module class>")
+    else:
+        _check_call("model", _MODELS[cfg.model.arch], [k for k in cfg.model if k not in ("arch", *DATA_ARGS)],
+                    f"model {cfg.model.arch}")
+    _check_call("trainer", pl.Trainer, list(cfg.trainer), "pytorch_lightning.Trainer")
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ``ConfigError`` on the first problem found."""
     p = cfg.prune
-    if cfg.data.name not in DATAMODULES:
-        raise ConfigError(f"data.name={cfg.data.name!r} is unknown; choose one of: {', '.join(DATAMODULES)}")
-    if cfg.model.arch not in list_models():
-        raise ConfigError(f"model.arch={cfg.model.arch!r} is unknown; choose one of: {', '.join(list_models())}")
+    _check_own_keys(cfg)
+    check_model_and_data(cfg)
     if p.thresh is not None and (not _number(p.thresh) or math.isnan(p.thresh) or p.thresh < 0):
         raise ConfigError(f"prune.thresh={p.thresh} must be a number >= 0 (an absolute |γ| threshold)")
     if p.percent is not None and (not _number(p.percent) or not 0 <= p.percent < 1):

@@ -1,12 +1,10 @@
-"""``SlimModule``: the LightningModule of a slimming run.
+"""``SlimModule``: the LightningModule of a classification slimming run.
 
 It wraps a plain ``nn.Module`` (so surgery can swap that module's layers underneath it), trains it with
-cross-entropy, adds the γ-L1 subgradient right before each optimizer step, and builds a different
-optimizer and schedule for each phase: ``sparse`` (epochs ``[0, prune_epoch)``) and ``finetune``
-(the rest, after the ``SlimmingCallback`` has cut the model).
-
-The plan the model was cut by travels in every checkpoint; loading one replays the plan on a freshly
-built model before the weights load, so a pruned checkpoint restores without any extra step.
+cross-entropy, and builds a different optimizer and schedule for each phase: ``sparse`` (before the cut)
+and ``finetune`` (once the model carries a plan). It knows nothing of sparsity or surgery: the
+``SparsityCallback`` and ``SlimmingCallback`` do both, exactly as they do in a user's own module, and
+``Slimmable`` lets ``SlimModule.load_from_checkpoint`` rebuild a cut model.
 """
 
 from __future__ import annotations
@@ -18,28 +16,27 @@ import torch
 import torchmetrics
 from torch import nn
 
+from slimnet.checkpoint import Slimmable
 from slimnet.models.build import build_model
 from slimnet.plan import PrunePlan
 from slimnet.schedules import build_optimizer, build_schedule
-from slimnet.sparsity import add_l1_subgradient, bn_gammas, gamma_stats, init_gammas
-from slimnet.surgery import replay_plan
 
 SPARSE, FINETUNE = "sparse", "finetune"
 
 
-class SlimModule(pl.LightningModule):
-    """Sparsity training and fine-tuning of one classification model.
+class SlimModule(Slimmable, pl.LightningModule):
+    """Training of one classification model, in a sparse and a fine-tune phase.
 
     Args:
-        model_config: the registry call that builds the model (``name``, ``num_classes``,
-            ``in_channels`` and the model's own options); saved as a hyperparameter so
+        model_config: the call that builds the model (a registry ``arch`` or a ``_target_``, with
+            ``num_classes``, ``in_channels`` and the model's own options); saved as a hyperparameter so
             ``SlimModule.load_from_checkpoint(path)`` needs nothing else.
         optim: optimizer and schedule of the sparse phase (``name``, ``lr``, ``weight_decay``,
             ``momentum``, ``nesterov``, ``schedule``, ``milestones``, ``gamma``).
         finetune: overrides of ``optim`` for the fine-tune phase (``lr``, ``schedule``, …).
-        sparsity: ``lam`` (λ of the sparse phase), ``finetune_lam`` (λ after surgery),
-            ``gamma_init`` (initial γ of every BatchNorm, or None to keep the model's own).
-        prune_epoch: the epoch the model is cut at, or None for a run without pruning.
+        prune_epoch: the epoch the model is cut at, or None for a run without pruning: the schedule of
+            each phase spans that phase's epochs.
+        num_classes: classes of the accuracy metric (default: ``model_config["num_classes"]``).
         model: an already built ``nn.Module`` to use instead of ``model_config`` (not saved in
             checkpoints; pass it again to ``load_from_checkpoint``).
         channels_last: train in NHWC memory format (conv weights and input batches): oneDNN's CPU convs
@@ -48,19 +45,16 @@ class SlimModule(pl.LightningModule):
     """
 
     def __init__(self, model_config: dict, optim: dict, finetune: dict | None = None,
-                 sparsity: dict | None = None, prune_epoch: int | None = None, model: nn.Module | None = None,
-                 channels_last: bool = False):
+                 prune_epoch: int | None = None, num_classes: int | None = None, model: nn.Module | None = None,
+                 channels_last: bool = False, example_input_array: torch.Tensor | None = None):
         super().__init__()
-        self.save_hyperparameters(ignore=["model"])
+        self.save_hyperparameters(ignore=["model", "example_input_array"])
         self.model = model if model is not None else build_model(model_config)
-        self.sparsity = {"lam": 0.0, "finetune_lam": 0.0, "gamma_init": None, **(sparsity or {})}
-        if self.sparsity["gamma_init"] is not None:
-            init_gammas(self.model, self.sparsity["gamma_init"])
-        self.phase = SPARSE
+        self.example_input_array = example_input_array
         self.channels_last = channels_last
         if channels_last:  # surgery and plan replays keep each tensor's layout, so once is enough
             self.model.to(memory_format=torch.channels_last)
-        num_classes = model_config["num_classes"]
+        num_classes = num_classes or model_config["num_classes"]
         self.criterion = nn.CrossEntropyLoss()
         metric = torchmetrics.classification.MulticlassAccuracy
         self.train_acc = metric(num_classes=num_classes, average="micro")
@@ -73,12 +67,9 @@ class SlimModule(pl.LightningModule):
         return getattr(self.model, "slimnet_plan", None)
 
     @property
-    def lam(self) -> float:
-        return self.sparsity["lam"] if self.phase == SPARSE else self.sparsity["finetune_lam"]
-
-    def enter_finetune(self) -> None:
-        """Called by the SlimmingCallback right after surgery: the next optimizers are fine-tune ones."""
-        self.phase = FINETUNE
+    def phase(self) -> str:
+        """``finetune`` once the model has been cut (or restored at cut widths), else ``sparse``."""
+        return FINETUNE if self.plan is not None and self.hparams.prune_epoch is not None else SPARSE
 
     def phase_epochs(self) -> int:
         total = self.trainer.max_epochs
@@ -117,16 +108,18 @@ class SlimModule(pl.LightningModule):
     def test_step(self, batch, batch_idx):
         self._step(batch, "test", self.test_acc)
 
-    def on_before_optimizer_step(self, optimizer) -> None:
-        # Lightning calls this after backward, after AMP unscaling and once per accumulated step,
-        # before gradient clipping: exactly where Liu et al.'s updateBN adds λ·sign(γ).
-        add_l1_subgradient(bn_gammas(self.model), self.lam)
-
-    def on_train_epoch_end(self) -> None:
-        stats = gamma_stats(self.model)
-        if stats:
-            self.log_dict({f"sparsity/{k}": v for k, v in stats.items()}, sync_dist=False)
-            self.log("sparsity/lam", self.lam)
+    @torch.no_grad()
+    def accuracy_on(self, loader) -> float:
+        """Top-1 accuracy of the network over a loader of ``(x, y)`` batches, in eval mode."""
+        was_training = self.training
+        self.eval()
+        correct = total = 0
+        for x, y in loader:
+            x, y = x.to(self.device), y.to(self.device)
+            correct += int((self.model(x).argmax(1) == y).sum())
+            total += len(y)
+        self.train(was_training)
+        return correct / max(total, 1)
 
     # -- optimizers ---------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -143,16 +136,11 @@ class SlimModule(pl.LightningModule):
 
     # -- checkpoints --------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        plan = self.plan
-        checkpoint["slimnet"] = {"phase": self.phase, "plan": plan.to_json() if plan is not None else "",
-                                 "rng": _rng_state()}
+        checkpoint["slimnet"] = {"phase": self.phase, "rng": _rng_state()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # Lightning calls this before load_state_dict: cut the fresh model to the saved widths first.
+        super().on_load_checkpoint(checkpoint)  # Slimmable: the cut widths, before the weights load
         state = checkpoint.get("slimnet", {})
-        self.phase = state.get("phase", SPARSE)
-        if state.get("plan") and self.plan is None:
-            replay_plan(self.model, PrunePlan.from_json(state["plan"]))  # keeps the layout
         if self._trainer is not None and state.get("rng"):
             # Resuming a fit: continue the random streams (shuffling, augmentation) where the
             # checkpoint left them, so a resumed run retraces an uninterrupted one on CPU.

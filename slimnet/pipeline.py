@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from pathlib import Path
 
@@ -20,9 +21,12 @@ from pytorch_lightning.loggers import TensorBoardLogger
 
 from slimnet.api import layer_widths
 from slimnet.artifact import save_pruned
-from slimnet.callbacks import GammaMonitor, PhaseTimer, SlimmingCallback
+from slimnet._locate import TargetImportError
+from slimnet._modes import preserved_modes
+from slimnet.callbacks import GammaMonitor, PhaseTimer, SlimmingCallback, SparsityCallback
 from slimnet.checkpoint_io import SafeCheckpointIO
 from slimnet.config import ConfigError, pruning_enabled, validate
+from slimnet.custom_data import DataError, DataFacts, build_custom_datamodule, describe
 from slimnet.data import build_datamodule
 from slimnet.graph import TraceError, trace_channel_groups
 from slimnet.latency import compare_latency, speedup_columns
@@ -33,6 +37,20 @@ from slimnet.report import summary_table, write_json
 from slimnet.sparse_cache import SparseCache, sparse_key
 
 log = logging.getLogger(__name__)
+
+
+def _policy(cfg: DictConfig) -> dict:
+    """The one policy a run cuts by: thresh or target_flops (when given) win over the default percent."""
+    p = cfg.prune
+    for key in ("thresh", "target_flops", "percent"):
+        if p.get(key) is not None:
+            return {key: p[key]}
+    return {}
+
+
+def _val_accuracy(trainer: pl.Trainer, module: SlimModule) -> float | None:
+    loader = trainer.datamodule.val_dataloader() if trainer.datamodule is not None else None
+    return module.accuracy_on(loader) if loader else None
 
 
 def _callbacks(cfg: DictConfig, run_dir: Path, example_input: torch.Tensor,
@@ -48,18 +66,20 @@ def _callbacks(cfg: DictConfig, run_dir: Path, example_input: torch.Tensor,
         # an unmonitored checkpoint named "last" is written every epoch, which is what resuming needs.
         callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", monitor=None,
                                          save_top_k=1, enable_version_counter=False))
+    s, p = cfg.sparsity, cfg.prune
+    if s.lam or s.finetune_lam or s.gamma_init is not None:
+        # The same callback a user adds to their own LightningModule: the L1 step on the network's γ.
+        callbacks.append(SparsityCallback(lam=s.lam, lam_after=s.finetune_lam, module="model",
+                                          until_epoch=p.epoch if pruning_enabled(cfg) else None,
+                                          gamma_init=s.gamma_init, log_stats=True))
     if pruning_enabled(cfg):
-        p = cfg.prune
-        # thresh (or target_flops) wins over percent: both may be set when a user adds +prune.thresh to
-        # the default config, which sets percent
-        explicit = p.thresh is not None or p.get("target_flops") is not None
         callbacks.append(SlimmingCallback(
-            epoch=p.epoch, example_input=example_input, thresh=p.thresh, target_flops=p.get("target_flops"),
-            percent=None if explicit else p.percent, min_channels=p.min_channels,
-            round_to=p.round_to, fold_bias=p.fold_bias, eval_after_cut=p.eval_after_cut, save_sparse=True,
+            epoch=p.epoch, module="model", example_input=example_input, module_input=True, **_policy(cfg),
+            min_channels=p.min_channels, round_to=p.round_to, fold_bias=p.fold_bias,
+            evaluate=_val_accuracy if p.eval_after_cut else None, save_sparse=True,
             on_sparse_saved=(lambda path: cache.publish(path, run_dir)) if cache is not None else None))
     if cfg.logger.tensorboard:
-        callbacks += [GammaMonitor(histograms=cfg.callbacks.gamma_histograms),
+        callbacks += [GammaMonitor(histograms=cfg.callbacks.gamma_histograms, module="model"),
                       LearningRateMonitor(logging_interval="epoch")]
     return callbacks
 
@@ -78,21 +98,60 @@ def _latency(cfg: DictConfig, module: SlimModule, example: torch.Tensor, flops_b
     return comparison
 
 
-def build_module(cfg: DictConfig, num_classes: int, in_channels: int) -> SlimModule:
-    model_config = {**OmegaConf.to_container(cfg.model, resolve=True),
-                    "num_classes": num_classes, "in_channels": in_channels}
+def build_data(cfg: DictConfig) -> tuple[pl.LightningDataModule, DataFacts]:
+    """The run's data module (slimnet's or the user's ``_target_``) and what the run needs to know of it."""
+    data_args = OmegaConf.to_container(cfg.data, resolve=True)
+    if "_target_" in data_args:
+        datamodule = build_custom_datamodule(data_args)
+    else:
+        datamodule = build_datamodule(data_args.pop("name"), **data_args)
+        datamodule.check()  # missing or corrupt data fails now, not after the first epoch
+    return datamodule, describe(datamodule)
+
+
+def _output_classes(model: torch.nn.Module, example: torch.Tensor) -> int:
+    with torch.no_grad(), preserved_modes(model):
+        out = model.eval()(example)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise ConfigError(f"the model's output has shape {getattr(out, 'shape', type(out).__name__)}; the "
+                          "classification task needs (batch, classes) logits")
+    return out.shape[1]
+
+
+def build_module(cfg: DictConfig, facts: DataFacts) -> SlimModule:
+    """The model (registry ``arch`` or the user's ``_target_``) inside a ``SlimModule``."""
+    model_config = OmegaConf.to_container(cfg.model, resolve=True)
+    model_config.setdefault("in_channels", facts.in_channels)
+    if facts.num_classes is not None:
+        model_config.setdefault("num_classes", facts.num_classes)
+    elif "_target_" not in model_config and "num_classes" not in model_config:
+        raise ConfigError("the data module does not say how many classes there are: give it a num_classes "
+                          "attribute (self.num_classes = 10) or set +model.num_classes=10")
+    try:
+        model = build_model(model_config)
+    except (TypeError, ValueError) as err:
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+        if unknown:  # a builder taking **kwargs passed a typo on to the class
+            raise ConfigError(f"model.{unknown[1]} is not a setting of this model ({str(err).splitlines()[0]})") from None
+        raise ConfigError(f"model: {str(err).splitlines()[0]}") from None
+    num_classes = model_config.get("num_classes") or _output_classes(model, facts.example)
+    if "num_classes" not in model.slimnet_config and facts.num_classes is None:
+        log.info("%s takes no num_classes and the data module does not say: %d classes, from the model's output",
+                 model_config.get("_target_"), num_classes)
     return SlimModule(
-        model_config=model_config,
+        model_config=model.slimnet_config,
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
         finetune=OmegaConf.to_container(cfg.finetune, resolve=True),
-        sparsity=OmegaConf.to_container(cfg.sparsity, resolve=True),
         prune_epoch=cfg.prune.epoch if pruning_enabled(cfg) else None,
+        num_classes=num_classes,
+        model=model,
         channels_last=bool(cfg.get("channels_last", False)),
+        example_input_array=facts.example,
     )
 
 
 # Errors whose message already says what to do: the command line prints them as one line.
-USER_ERRORS = (ConfigError, FileNotFoundError, FloatingPointError, TraceError)
+USER_ERRORS = (ConfigError, DataError, FileNotFoundError, FloatingPointError, TraceError, TargetImportError)
 
 
 def record_failure(run_dir: str | Path, err: BaseException) -> None:
@@ -174,13 +233,11 @@ def train(cfg: DictConfig, run_dir: str | Path, extra_callbacks: list[pl.Callbac
         if cfg.prune.get(key) is not None and cfg.prune.percent is not None and pruning_enabled(cfg):
             log.info("prune.%s=%s is set and wins over prune.percent=%s", key, cfg.prune[key], cfg.prune.percent)
 
-    data_args = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k != "name"}
-    datamodule = build_datamodule(cfg.data.name, **data_args)
-    datamodule.check()  # missing or corrupt data fails now, not after the first epoch
-    module = build_module(cfg, datamodule.num_classes, datamodule.in_channels)
-    example = datamodule.example_input(1)
+    datamodule, facts = build_data(cfg)
+    module = build_module(cfg, facts)
+    example = facts.example
     if pruning_enabled(cfg):
-        _preflight(module.model, example, cfg.model.arch)
+        _preflight(module.model, example, cfg.model.get("arch") or cfg.model.get("_target_"))
 
     # Jobs that differ only after the prune epoch share one sparse phase (see sparse_cache.py).
     cache, reused = None, False
@@ -231,19 +288,24 @@ def _fit_and_report(cfg, run_dir, datamodule, module, example, ckpt_path, extra_
     widths_after = layer_widths(module.model)
     slimming = next((cb for cb in callbacks if isinstance(cb, SlimmingCallback)), None)
     cut = slimming.report if slimming is not None and slimming.report else {}
+    prune_cfg = OmegaConf.to_container(cfg.prune, resolve=True)
+    policy = _policy(cfg) if pruning_enabled(cfg) else {}
+    for key in ("thresh", "percent", "target_flops"):  # record only the policy the cut used
+        if key not in policy:
+            prune_cfg.pop(key, None)
     timer = next(cb for cb in callbacks if isinstance(cb, PhaseTimer))
     results = {
         "status": "ok",
         "val_acc": float(val_acc) if val_acc is not None else None,
         "test_acc": float(test_acc) if test_acc is not None else None,
-        "val_acc_after_cut": cut.get("val_acc_after_cut"),
+        "val_acc_after_cut": cut.get("after_cut"),
         "before": {"flops": flops_before, "params": params_before},
         "after": {"flops": flops_after, "params": params_after},
         "flops_reduction": 1 - flops_after / flops_before,
         "params_reduction": 1 - params_after / params_before,
         "threshold": cut.get("threshold") if cut.get("threshold") not in (None, -math.inf) else None,
         "policy": cut.get("policy"),
-        "prune": OmegaConf.to_container(cfg.prune, resolve=True),
+        "prune": prune_cfg,
         "channels": {n: [widths_before[n], w] for n, w in widths_after.items()},
         "floored_layers": cut.get("floored", []),
         "warnings": cut.get("warnings", []),
@@ -264,7 +326,7 @@ def _fit_and_report(cfg, run_dir, datamodule, module, example, ckpt_path, extra_
     if trainer.is_global_zero:
         for logger in loggers:
             logger.log_hyperparams(
-                {"prune/thresh": results["threshold"] or 0.0, "prune/percent": cfg.prune.percent or 0.0,
+                {**{f"prune/{k}": v for k, v in policy.items()}, "prune/threshold_used": results["threshold"] or 0.0,
                  "sparsity/lam": cfg.sparsity.lam},
                 {"hp/test_acc": results["test_acc"] or 0.0, "hp/flops": flops_after,
                  "hp/flops_reduction": results["flops_reduction"]})

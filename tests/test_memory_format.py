@@ -11,6 +11,7 @@ from torch import nn
 import slimnet
 from slimnet.artifact import load_pruned
 from slimnet.module import SlimModule
+from slimnet.slimming_callback import SlimmingCallback
 from slimnet.pipeline import train
 from slimnet.sparse_cache import sparse_key
 
@@ -49,8 +50,9 @@ def test_surgery_and_plan_replay_keep_nhwc():
     assert report["flops_after"] < report["flops_before"]
     assert _nhwc(module.model)  # surgery's sliced weights keep the NHWC layout
 
-    checkpoint = {"state_dict": module.state_dict(), "slimnet": {"phase": "finetune",
-                                                                 "plan": module.plan.to_json()}}
+    key = SlimmingCallback(epoch=1, percent=0.4, module="model").state_key  # where a fit's checkpoint keeps it
+    checkpoint = {"state_dict": module.state_dict(),
+                  "callbacks": {key: {"module": "model", "slimnet_plan": module.plan.to_json()}}}
     fresh = SlimModule(CONFIG, OPTIM, channels_last=True)
     fresh.on_load_checkpoint(checkpoint)  # replays the plan on a fresh, full-width model
     fresh.load_state_dict(checkpoint["state_dict"])

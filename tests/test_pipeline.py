@@ -14,7 +14,7 @@ from conftest import TINY
 
 import slimnet
 from slimnet.artifact import load_pruned
-from slimnet.callbacks import SlimmingCallback
+from slimnet.callbacks import SlimmingCallback, SparsityCallback
 from slimnet.config import ConfigError
 from slimnet.data import SyntheticDataModule
 from slimnet.module import FINETUNE, SlimModule
@@ -154,11 +154,11 @@ def test_optimizer_after_surgery_holds_the_new_parameters_and_they_train():
     module = SlimModule(
         model_config={"arch": "vgg", "cfg": [8, "M", 16], "num_classes": dm.num_classes, "in_channels": 3},
         optim={"name": "sgd", "lr": 0.05, "schedule": "constant", "weight_decay": 0.0},
-        finetune={"lr": 0.01, "schedule": "cosine"},
-        sparsity={"lam": 0.05, "gamma_init": 0.5}, prune_epoch=1)
-    slim = SlimmingCallback(epoch=1, example_input=dm.example_input(), percent=0.5)
+        finetune={"lr": 0.01, "schedule": "cosine"}, prune_epoch=1)
+    sparsity = SparsityCallback(lam=0.05, until_epoch=1, module="model", gamma_init=0.5)
+    slim = SlimmingCallback(epoch=1, module="model", example_input=dm.example_input(), module_input=True, percent=0.5)
     probe = _OptimizerProbe(epoch=1)
-    trainer = pl.Trainer(max_epochs=2, callbacks=[slim, probe], logger=False, enable_checkpointing=False,
+    trainer = pl.Trainer(max_epochs=2, callbacks=[sparsity, slim, probe], logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, accelerator="cpu")
     trainer.fit(module, datamodule=dm)
     assert slim.report["flops_after"] < slim.report["flops_before"]
