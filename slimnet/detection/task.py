@@ -1,7 +1,7 @@
 """``DetectionTask``: a LightningModule that trains a torchvision detector and reports COCO mAP.
 
-It is an ordinary LightningModule: it knows nothing of slimming. What a generic slimming callback
-needs it declares: ``example_input_array`` (a list with one image: what the detector's forward takes),
+It is an ordinary LightningModule: it knows nothing of slimming beyond the ``Slimmable`` mixin (so
+``load_from_checkpoint`` rebuilds the cut widths). What a generic slimming callback needs it declares: ``example_input_array`` (a list with one image: what the detector's forward takes),
 ``prune_scope(scope)`` (the sub-module to cut, the input that sub-module receives, and what must not
 be cut) and ``configure_optimizers`` that can be called again after a cut. Its learning-rate schedule is
 a function of the trainer's global step, so an optimizer rebuilt after the cut continues the curve.
@@ -23,6 +23,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from slimnet.checkpoint import Slimmable
 from slimnet.detection.measure import detector_flops
 from slimnet.detection.models import build_detector
 from slimnet.detection.scope import PruneScope, prune_scope
@@ -39,7 +40,7 @@ def _mean_average_precision(backend: str):
         ) from None
 
 
-class DetectionTask(pl.LightningModule):
+class DetectionTask(Slimmable, pl.LightningModule):
     """Train a torchvision detector (Faster R-CNN, RetinaNet, FCOS) and evaluate COCO mAP.
 
     Args:
