@@ -115,7 +115,7 @@ DETECTORS: dict[str, tuple[Callable[..., nn.Module], bool, float]] = {
 
 def build_detector(kind: str = "fasterrcnn", backbone: str = "resnet18", num_classes: int = 5,
                    min_size: int = 128, max_size: int = 128, norm: str = "batchnorm", trainable_layers: int = 5,
-                   fpn_channels: int = 256, anchor_scale: float | None = None,
+                   fpn_channels: int = 256, anchor_scale: float | None = None, score_thresh: float | None = None,
                    backbone_weights: str | None = None, **detector_kwargs) -> nn.Module:
     """A torchvision detector with random weights (or the backbone from ``backbone_weights``).
 
@@ -131,6 +131,8 @@ def build_detector(kind: str = "fasterrcnn", backbone: str = "resnet18", num_cla
         fpn_channels: width of the FPN and so of the heads' input (torchvision: 256). The heads run on
             every level at this width; 64 makes a detector for 128 px images ~4x cheaper.
         anchor_scale: anchor side = scale x level stride; None for torchvision's default of the kind.
+        score_thresh: lowest score of a detection kept at inference (Faster R-CNN's ``box_score_thresh``);
+            None for torchvision's (0.05; FCOS 0.2, which hides an early model's boxes from mAP).
         backbone_weights: a local torchvision classification checkpoint for the backbone body.
         detector_kwargs: passed to the torchvision class (``box_detections_per_img``,
             ``rpn_post_nms_top_n_test``, ``score_thresh``, …).
@@ -149,4 +151,6 @@ def build_detector(kind: str = "fasterrcnn", backbone: str = "resnet18", num_cla
         load_backbone_weights(body, backbone_weights)
     strides = feature_strides(body)
     scale = default_scale if anchor_scale is None else float(anchor_scale)
+    if score_thresh is not None:
+        detector_kwargs["box_score_thresh" if two_stage else "score_thresh"] = float(score_thresh)
     return builder(body, num_classes + 1, strides, scale, min_size=min_size, max_size=max_size, **detector_kwargs)

@@ -1,0 +1,48 @@
+"""The detection configs build what they describe: every key is an argument the object accepts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from test_detection_data import write_coco
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from slimnet.detection.coco import COCODetectionDataModule
+from slimnet.detection.data import SyntheticDetectionDataModule
+from slimnet.detection.models import build_detector
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def _load(group: str, name: str, **overrides):
+    cfg = OmegaConf.create({"seed": 7, "node": OmegaConf.load(CONF / group / f"{name}.yaml")})
+    return OmegaConf.merge(cfg, {"node": overrides}).node
+
+
+def test_synthetic_detection_config_builds_its_datamodule():
+    dm = instantiate(_load("data", "synthetic_detection"))
+    assert isinstance(dm, SyntheticDetectionDataModule)
+    assert dm.seed == 7 and dm.num_classes == 5 and dm.image_size == (128, 128)
+
+
+def test_coco_config_needs_its_paths_and_builds_with_them(tmp_path):
+    from omegaconf.errors import MissingMandatoryValue
+
+    with pytest.raises(MissingMandatoryValue, match="train_images"):
+        instantiate(_load("data", "coco"))
+    images, ann = write_coco(tmp_path / "train")
+    dm = instantiate(_load("data", "coco", train_images=images, train_annotations=ann, val_images=images,
+                           val_annotations=ann))
+    assert isinstance(dm, COCODetectionDataModule) and dm.classes == ("cat", "dog")
+
+
+def test_detector_config_keys_are_build_detector_arguments():
+    cfg = OmegaConf.to_container(_load("model", "detector", norm="frozen"))
+    cfg.pop("norm_eval")  # the CLI's: whether converted norms keep their running statistics
+    detector = build_detector(num_classes=3, **{k: v for k, v in cfg.items() if k != "detector_kwargs"},
+                              **cfg["detector_kwargs"])
+    assert type(detector).__name__ == "FCOS" and detector.score_thresh == 0.05
+    assert isinstance(detector.backbone.body.bn1, FrozenBatchNorm2d) and detector.backbone.out_channels == 64
