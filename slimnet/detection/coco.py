@@ -5,8 +5,8 @@ The JSON is read with the standard library (no pycocotools): ``images`` (``id``,
 ``iscrowd``) and ``categories`` (``id``, ``name``). Category ids, which COCO numbers with gaps, map to
 labels 1..K in id order (0 is the background for torchvision detectors).
 
-Everything a wrong file would break is checked when the module is built (``check()``), before any
-training, each with one line naming the file and the fix:
+Everything a wrong file would break is checked before any training -- the training split when the
+module is built, the others in ``check()`` -- each with one line naming the file and the fix:
 
 * an empty or unreadable annotation file, or one with no images or no annotations;
 * a JSON that does not match the images folder (listed files missing, or a size that differs from
@@ -43,6 +43,7 @@ class CocoSplit:
 
     images_dir: Path
     ann_file: Path
+    categories: dict[int, str]  # id -> name; label i is the i-th id
     files: list[str] = field(default_factory=list)
     sizes: list[tuple[int, int]] = field(default_factory=list)  # (height, width) as the JSON says
     boxes: list[torch.Tensor] = field(default_factory=list)
@@ -69,26 +70,29 @@ def _read_json(ann_file: Path, key: str) -> dict:
     return data
 
 
-def category_names(ann_file: str | os.PathLike, key: str = "data.train_annotations") -> dict[int, str]:
-    """``{category id: name}`` of an instances JSON, in id order."""
-    data = _read_json(Path(ann_file), key)
+def _categories(data: dict, ann_file: Path, key: str) -> dict[int, str]:
+    """``{category id: name}`` in id order."""
     cats = data.get("categories") or []
     if not cats:
         raise ValueError(f"annotation file {ann_file} has no categories: set {key} to a COCO instances JSON")
     return {int(c["id"]): str(c.get("name", c["id"])) for c in sorted(cats, key=lambda c: int(c["id"]))}
 
 
-def read_coco(images_dir: str | os.PathLike, ann_file: str | os.PathLike, label_of: dict[int, int],
+def read_coco(images_dir: str | os.PathLike, ann_file: str | os.PathLike, categories: dict[int, str] | None = None,
               box_tolerance: float = 1.0, keep_crowd: bool = True, key: str = "data") -> CocoSplit:
-    """Parse and check one split. ``label_of`` maps category ids to labels 1..K (from the training
-    JSON, so every split numbers classes alike); ``key`` names the config entries in messages."""
+    """Parse and check one split. ``categories`` (``{id: name}``, e.g. the training split's) fixes how
+    category ids map to labels 1..K, so that every split numbers classes alike; None: this file's own.
+    ``key`` names the config entries in messages (``data.train`` -> ``data.train_images``)."""
     images_dir, ann_file = Path(images_dir), Path(ann_file)
     data = _read_json(ann_file, f"{key}_annotations")
+    if categories is None:
+        categories = _categories(data, ann_file, f"{key}_annotations")
+    label_of = {cid: i + 1 for i, cid in enumerate(categories)}
     if not images_dir.is_dir():
         raise FileNotFoundError(f"images folder {images_dir} not found: set {key}_images to the folder of "
                                 f"the images {ann_file.name} lists")
 
-    split = CocoSplit(images_dir, ann_file)
+    split = CocoSplit(images_dir, ann_file, dict(categories))
     index: dict[int, int] = {}
     present = set(os.listdir(images_dir))
     missing = []
@@ -216,19 +220,20 @@ class COCODetectionDataModule(DetectionDataModule):
                       "test": (test_images, test_annotations) if test_images else (val_images, val_annotations)}
         self.box_tolerance = float(box_tolerance)
         self.image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        # The detector needs K before setup: read only the categories now.
-        cats = category_names(os.path.expanduser(train_annotations), "data.train_annotations")
-        self.category_ids = tuple(cats)
-        self.classes = tuple(cats.values())
-        self._label_of = {cid: i + 1 for i, cid in enumerate(self.category_ids)}
+        # The detector needs K before setup, and K comes from the training JSON: parse (and check) that
+        # split now, once; a COCO train JSON takes seconds to read.
         self._parsed: dict[str, CocoSplit] = {}
+        train = self._parse("train")
+        self.category_ids = tuple(train.categories)
+        self.classes = tuple(train.categories.values())
 
     def _parse(self, split: str) -> CocoSplit:
         if split == "test" and self.paths["test"] == self.paths["val"]:
             split = "val"  # no test files given: the validation split, parsed once
         if split not in self._parsed:
             images, ann = (os.path.expanduser(p) for p in self.paths[split])
-            self._parsed[split] = read_coco(images, ann, self._label_of, self.box_tolerance,
+            categories = None if split == "train" else self._parsed["train"].categories
+            self._parsed[split] = read_coco(images, ann, categories, self.box_tolerance,
                                             keep_crowd=split != "train", key=f"data.{split}")
         return self._parsed[split]
 
