@@ -41,7 +41,6 @@ def test_coco_config_needs_its_paths_and_builds_with_them(tmp_path):
 
 def test_detector_config_keys_are_build_detector_arguments():
     cfg = OmegaConf.to_container(_load("model", "detector", norm="frozen"))
-    cfg.pop("norm_eval")  # the CLI's: whether converted norms keep their running statistics
     detector = build_detector(num_classes=3, **{k: v for k, v in cfg.items() if k != "detector_kwargs"},
                               **cfg["detector_kwargs"])
     assert type(detector).__name__ == "FCOS" and detector.score_thresh == 0.05

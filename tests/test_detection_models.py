@@ -140,11 +140,17 @@ def test_frozen_detector_converts_to_batchnorm_with_the_same_features(single_thr
 def test_backbone_weights_load_from_a_local_torchvision_checkpoint(tmp_path):
     torch.manual_seed(3)
     classifier = resnet18(weights=None)
+    classifier.bn1.running_var.uniform_(0.5, 2.0)  # statistics a pretrained network would have
     path = tmp_path / "resnet18.pth"
     torch.save(classifier.state_dict(), path)
-    detector = _detector("retinanet", backbone_weights=str(path))
+    detector = _detector("retinanet", backbone_weights=str(path), norm="batchnorm_eval").train()
     torch.testing.assert_close(detector.backbone.body.layer3[1].conv2.weight, classifier.layer3[1].conv2.weight)
     torch.testing.assert_close(detector.backbone.body.bn1.running_var, classifier.bn1.running_var)
+    # batchnorm_eval: trainable γ on the loaded statistics, which training does not move
+    bn1 = detector.backbone.body.bn1
+    assert not bn1.training and bn1.weight.requires_grad
+    detector.backbone(torch.rand(2, 3, 64, 64))
+    torch.testing.assert_close(bn1.running_var, classifier.bn1.running_var)
 
     torch.save(resnet34(weights=None).state_dict(), tmp_path / "resnet34.pth")
     with pytest.raises(ValueError, match="does not fit this backbone") as info:
@@ -155,7 +161,7 @@ def test_backbone_weights_load_from_a_local_torchvision_checkpoint(tmp_path):
 @pytest.mark.parametrize("kwargs, match", [
     ({"kind": "yolo"}, "fasterrcnn, retinanet, fcos"),
     ({"backbone": "vit_b_16"}, "resnet18"),
-    ({"norm": "groupnorm"}, "batchnorm, frozen"),
+    ({"norm": "groupnorm"}, "batchnorm, batchnorm_eval, frozen"),
     ({"kind": "fcos", "fpn_channels": 32}, "multiple of 32"),
 ])
 def test_build_errors_name_the_choices(kwargs, match):

@@ -25,11 +25,16 @@ from torchvision.models.detection.backbone_utils import mobilenet_backbone, resn
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool, LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from slimnet.norms import EvalModeBatchNorm2d
+
 # resnet_fpn_backbone and mobilenet_backbone accept exactly these names
 RESNET_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
                     "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2")
 MOBILENET_BACKBONES = ("mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small")
-NORMS: dict[str, type[nn.Module]] = {"batchnorm": nn.BatchNorm2d, "frozen": FrozenBatchNorm2d}
+# "batchnorm_eval": trainable γ and β on fixed running statistics (mmdetection's norm_eval), for a
+# backbone loaded from backbone_weights; with random weights its statistics would stay at 0 and 1.
+NORMS: dict[str, type[nn.Module]] = {"batchnorm": nn.BatchNorm2d, "batchnorm_eval": EvalModeBatchNorm2d,
+                                     "frozen": FrozenBatchNorm2d}
 
 
 def _fpn_backbone(name: str, norm: str, trainable_layers: int, two_stage: bool, fpn_channels: int) -> nn.Module:
@@ -125,8 +130,9 @@ def build_detector(kind: str = "fasterrcnn", backbone: str = "resnet18", num_cla
         num_classes: foreground classes K; the detector gets K + 1 outputs (0 is the background).
         min_size, max_size: the detector's internal resize (torchvision's defaults 800/1333 are for
             COCO; 128 keeps CPU training of small images feasible).
-        norm: ``batchnorm`` (trainable) or ``frozen`` (``FrozenBatchNorm2d``, as torchvision's pretrained
-            detectors; turn it into BatchNorm with ``slimnet.norms.unfreeze_batchnorm`` to slim it).
+        norm: ``batchnorm`` (trainable), ``batchnorm_eval`` (trainable γ and β on fixed running
+            statistics, for pretrained ``backbone_weights``) or ``frozen`` (``FrozenBatchNorm2d``, as
+            torchvision's pretrained detectors: nothing to slim until ``slimnet.norms.unfreeze_batchnorm``).
         trainable_layers: backbone stages whose parameters train (5 = all), as in torchvision.
         fpn_channels: width of the FPN and so of the heads' input (torchvision: 256). The heads run on
             every level at this width; 64 makes a detector for 128 px images ~4x cheaper.
