@@ -7,7 +7,7 @@ import pytest
 import torch
 from test_detection_norms import _randomise_frozen
 from torch import nn
-from torchvision.models import resnet18, resnet34
+from torchvision.models import resnet18
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from slimnet.detection.measure import detector_flops
@@ -152,10 +152,14 @@ def test_backbone_weights_load_from_a_local_torchvision_checkpoint(tmp_path):
     detector.backbone(torch.rand(2, 3, 64, 64))
     torch.testing.assert_close(bn1.running_var, classifier.bn1.running_var)
 
-    torch.save(resnet34(weights=None).state_dict(), tmp_path / "resnet34.pth")
-    with pytest.raises(ValueError, match="does not fit this backbone") as info:
-        _detector("retinanet", backbone_weights=str(tmp_path / "resnet34.pth"))
-    assert "model.backbone_weights" in str(info.value) and "\n" not in str(info.value)
+    # another network's file: other keys, or the same keys with other shapes
+    wrong_keys = {**classifier.state_dict(), "layer5.0.conv1.weight": torch.zeros(1)}
+    wrong_shape = {**classifier.state_dict(), "conv1.weight": torch.zeros(8, 3, 7, 7)}
+    for name, state in (("keys", wrong_keys), ("shape", wrong_shape)):
+        torch.save(state, tmp_path / f"{name}.pth")
+        with pytest.raises(ValueError, match="does not fit this backbone") as info:
+            _detector("retinanet", backbone_weights=str(tmp_path / f"{name}.pth"))
+        assert "model.backbone_weights" in str(info.value) and "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize("kwargs, match", [

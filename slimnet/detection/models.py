@@ -68,19 +68,23 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     head = ("fc.", "classifier.")
     state = {k.removeprefix("features."): v for k, v in state.items() if not k.startswith(head)}
-    missing, unexpected = backbone.body.load_state_dict(state, strict=False)
+    hint = "set model.backbone_weights to a checkpoint of the torchvision model named in model.backbone"
+    try:
+        missing, unexpected = backbone.body.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shapes that differ (another depth or width)
+        first = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err))
+        raise ValueError(f"{path} does not fit this backbone ({first}): {hint}") from None
     # num_batches_tracked is absent from FrozenBN and optional for BN: neither a sign of a wrong file
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
         raise ValueError(
             f"{path} does not fit this backbone ({len(missing)} missing keys, e.g. {missing[:2]}; "
-            f"{len(unexpected)} unexpected, e.g. {unexpected[:2]}): set model.backbone_weights to a checkpoint "
-            "of the torchvision model named in model.backbone"
+            f"{len(unexpected)} unexpected, e.g. {unexpected[:2]}): {hint}"
         )
 
 
 @torch.no_grad()
-def feature_strides(backbone: nn.Module, probe: int = 256) -> list[int]:
+def feature_strides(backbone: nn.Module, probe: int = 128) -> list[int]:
     """The stride of each feature map the backbone returns, measured on a (1, 3, probe, probe) input."""
     training = backbone.training
     backbone.eval()
