@@ -1,6 +1,7 @@
-"""The detection task under the generic callbacks, as the CLI will wire them: a detector built with
-FrozenBatchNorm2d (as a pretrained one is) is converted, sparsity-trained, cut at an epoch inside the
-scope the task names, and fine-tuned; the heads and their class outputs keep their widths."""
+"""The detection task under the generic callbacks, as the CLI will wire them: a detector whose norms
+stay on their running statistics (norm_eval, as with a pretrained backbone) is sparsity-trained, cut at
+an epoch inside the scope the task names, fine-tuned, saved and reloaded at its cut widths; the heads
+and their class outputs keep their widths."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from slimnet.checkpoint import load_checkpoint
 from slimnet.detection.data import SyntheticDetectionDataModule
 from slimnet.detection.task import DetectionTask
-from slimnet.norms import EvalModeBatchNorm2d, unfreeze_batchnorm
+from slimnet.norms import EvalModeBatchNorm2d
 from slimnet.slimming_callback import SlimmingCallback
 from slimnet.sparsity_callback import SparsityCallback
 
@@ -19,14 +21,13 @@ def _widths(module: nn.Module) -> dict[str, tuple[int, int]]:
     return {n: (m.in_channels, m.out_channels) for n, m in module.named_modules() if isinstance(m, nn.Conv2d)}
 
 
-def test_frozen_fcos_backbone_is_cut_at_the_epoch_and_keeps_training(single_thread):
+def test_fcos_backbone_is_cut_at_the_epoch_keeps_training_and_reloads(single_thread, tmp_path):
     pl.seed_everything(0, verbose=False)
     dm = SyntheticDetectionDataModule(image_size=64, train_size=8, val_size=4, test_size=4, batch_size=4,
                                       min_object_size=10, max_object_size=30)
     config = {"kind": "fcos", "backbone": "resnet18", "num_classes": dm.num_classes, "min_size": 64,
-              "max_size": 64, "fpn_channels": 64, "norm": "frozen"}
+              "max_size": 64, "fpn_channels": 64, "norm": "batchnorm_eval"}
     task = DetectionTask(config, image_size=64, warmup_steps=2)
-    unfreeze_batchnorm(task.model, eval_mode=True)  # what the CLI does when sparsity is on
     scope = task.prune_scope("backbone")
     flops_before = task.flops()
     heads_before = _widths(task.model.head)
@@ -49,6 +50,15 @@ def test_frozen_fcos_backbone_is_cut_at_the_epoch_and_keeps_training(single_thre
     assert norms and all(type(m) is EvalModeBatchNorm2d and m.weight.requires_grad for m in norms)
     assert 0.0 <= float(trainer.callback_metrics["val/map"]) <= 1.0  # validated after the cut
     task.eval()
+    image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        (out,) = task([torch.rand(3, 64, 64)])
+        (out,) = task([image])
     assert set(out) == {"boxes", "scores", "labels"}
+
+    # a checkpoint of the cut run rebuilds the cut widths from the config alone (Slimmable)
+    trainer.save_checkpoint(tmp_path / "cut.ckpt")
+    reloaded = load_checkpoint(tmp_path / "cut.ckpt", DetectionTask)
+    assert _widths(reloaded.model.backbone.body) == body_after
+    with torch.no_grad():
+        (again,) = reloaded([image])
+    torch.testing.assert_close(again["scores"], out["scores"])
