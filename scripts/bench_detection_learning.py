@@ -30,8 +30,9 @@ class _EpochLine(pl.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):  # after the epoch's validation and its logging
         m = trainer.callback_metrics
-        print(f"epoch {trainer.current_epoch}: val/map {float(m['val/map']):.3f}  val/map_50 "
-              f"{float(m['val/map_50']):.3f}  {time.time() - self.start:.0f} s", flush=True)
+        print(f"epoch {trainer.current_epoch}: train/loss {float(m['train/loss']):.3f}  val/map "
+              f"{float(m['val/map']):.3f}  val/map_50 {float(m['val/map_50']):.3f}  {time.time() - self.start:.0f} s",
+              flush=True)
 
 
 def main() -> None:

@@ -34,6 +34,8 @@ class EvalModeBatchNorm2d(nn.BatchNorm2d):
     A subclass rather than a flag on the model: Lightning calls ``model.train()`` at every epoch start
     and after every validation, and a subclass is the one place that survives all of those calls.
     It is still a ``_BatchNorm``, so tracing, the sparsity step and surgery treat it as any BatchNorm.
+    Lightning's "Found N module(s) in eval mode at the start of training" warning counts these layers:
+    expected, and the point.
     """
 
     def train(self, mode: bool = True):
