@@ -167,6 +167,7 @@ def test_backbone_weights_load_from_a_local_torchvision_checkpoint(tmp_path):
     ({"backbone": "vit_b_16"}, "resnet18"),
     ({"norm": "groupnorm"}, "batchnorm, batchnorm_eval, frozen"),
     ({"kind": "fcos", "fpn_channels": 32}, "multiple of 32"),
+    ({"kind": "fcos", "rpn_post_nms_top_n_test": 100}, "not arguments of FCOS"),  # torchvision would ignore it
 ])
 def test_build_errors_name_the_choices(kwargs, match):
     with pytest.raises(ValueError, match=match):

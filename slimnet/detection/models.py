@@ -14,6 +14,7 @@ of 10-70 px want smaller ones (``anchor_scale=4`` for Faster R-CNN).
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable
 
@@ -114,12 +115,22 @@ def _fcos(backbone, num_classes, strides, scale, **kw):
     return FCOS(backbone, num_classes, anchor_generator=anchors, **kw)
 
 
-# kind -> (builder, two-stage?, torchvision's anchor_scale)
-DETECTORS: dict[str, tuple[Callable[..., nn.Module], bool, float]] = {
-    "fasterrcnn": (_faster_rcnn, True, 8.0),
-    "retinanet": (_retinanet, False, 4.0),
-    "fcos": (_fcos, False, 1.0),
+# kind -> (builder, torchvision class, two-stage?, torchvision's anchor_scale)
+DETECTORS: dict[str, tuple[Callable[..., nn.Module], type, bool, float]] = {
+    "fasterrcnn": (_faster_rcnn, FasterRCNN, True, 8.0),
+    "retinanet": (_retinanet, RetinaNet, False, 4.0),
+    "fcos": (_fcos, FCOS, False, 1.0),
 }
+
+
+def _check_kwargs(kind: str, cls: type, kwargs: dict) -> None:
+    """torchvision hands unknown keywords to its transform, which ignores them: a typo, or Faster
+    R-CNN's ``rpn_*`` given to FCOS, would silently do nothing. Refuse them instead."""
+    known = set(inspect.signature(cls).parameters) - {"backbone", "num_classes", "kwargs"}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise ValueError(f"model.detector_kwargs {unknown} are not arguments of {cls.__name__} ({kind}); "
+                         f"it takes: {', '.join(sorted(known))}")
 
 
 def build_detector(kind: str = "fasterrcnn", backbone: str = "resnet18", num_classes: int = 5,
@@ -155,7 +166,8 @@ def build_detector(kind: str = "fasterrcnn", backbone: str = "resnet18", num_cla
         # FCOSHead normalises with GroupNorm(32, C): C = 32 leaves one value per group on the 1x1 top level
         raise ValueError(f"fcos needs fpn_channels a multiple of 32 and >= 64 (its heads use GroupNorm(32)), "
                          f"got {fpn_channels}")
-    builder, two_stage, default_scale = DETECTORS[kind]
+    builder, cls, two_stage, default_scale = DETECTORS[kind]
+    _check_kwargs(kind, cls, detector_kwargs)
     body = _fpn_backbone(backbone, norm, trainable_layers, two_stage, fpn_channels)
     if backbone_weights:
         load_backbone_weights(body, backbone_weights)
