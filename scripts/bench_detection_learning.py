@@ -5,6 +5,12 @@
 
 No pruning: this measures the task and the data alone (the baseline a slimmed run is compared to).
 Prints one line per epoch (val mAP@[.5:.95], mAP@.5, wall time since start) and the test mAP at the end.
+
+Measured on this 2-core host while two other jobs kept it at a load of 6-7 (one thread each), resnet18,
+FPN 64, 128 px, 512 training images, batch 8, 6 epochs = 384 steps, random init:
+  --kind fcos --lr 0.02        test mAP 0.037, mAP@.5 0.113 in 16.5 min (val mAP 0.004 after epoch 1)
+  --kind fasterrcnn --lr 0.02  test mAP 0.154, mAP@.5 0.303 in 21.5 min (val mAP 0.074 after epoch 4 of 6)
+  --kind fcos --lr 0.01        val mAP 0.007 after 3 epochs (stopped)
 """
 
 from __future__ import annotations
