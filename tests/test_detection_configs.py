@@ -41,8 +41,7 @@ def test_coco_config_needs_its_paths_and_builds_with_them(tmp_path):
 
 def test_detector_config_keys_are_build_detector_arguments():
     cfg = OmegaConf.to_container(_load("model", "detector", norm="frozen"))
-    detector = build_detector(num_classes=3, **{k: v for k, v in cfg.items() if k != "detector_kwargs"},
-                              **cfg["detector_kwargs"])
+    detector = build_detector(num_classes=3, **cfg)  # as DetectionTask(model_config={**cfg, num_classes: K})
     assert type(detector).__name__ == "FCOS" and detector.score_thresh == 0.05
     assert isinstance(detector.backbone.body.bn1, FrozenBatchNorm2d) and detector.backbone.out_channels == 64
 
@@ -55,8 +54,7 @@ def test_faster_rcnn_preset_builds_a_small_image_faster_rcnn():
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = OmegaConf.to_container(compose(config_name="model/detector_fasterrcnn").model)
     GlobalHydra.instance().clear()
-    detector = build_detector(num_classes=3, **{k: v for k, v in cfg.items() if k != "detector_kwargs"},
-                              **cfg["detector_kwargs"])
+    detector = build_detector(num_classes=3, **cfg)
     assert type(detector).__name__ == "FasterRCNN"
     assert detector.rpn.post_nms_top_n() == 300  # training mode: the preset's budget, not torchvision's 2000
     assert detector.roi_heads.score_thresh == 0.05

@@ -136,7 +136,8 @@ def _check_kwargs(kind: str, cls: type, kwargs: dict) -> None:
 def build_detector(kind: str = "fasterrcnn", backbone: str = "resnet18", num_classes: int = 5,
                    min_size: int = 128, max_size: int = 128, norm: str = "batchnorm", trainable_layers: int = 5,
                    fpn_channels: int = 256, anchor_scale: float | None = None, score_thresh: float | None = None,
-                   backbone_weights: str | None = None, **detector_kwargs) -> nn.Module:
+                   backbone_weights: str | None = None, detector_kwargs: dict | None = None,
+                   **more_kwargs) -> nn.Module:
     """A torchvision detector with random weights (or the backbone from ``backbone_weights``).
 
     Args:
@@ -155,8 +156,8 @@ def build_detector(kind: str = "fasterrcnn", backbone: str = "resnet18", num_cla
         score_thresh: lowest score of a detection kept at inference (Faster R-CNN's ``box_score_thresh``);
             None for torchvision's (0.05; FCOS 0.2, which hides an early model's boxes from mAP).
         backbone_weights: a local torchvision classification checkpoint for the backbone body.
-        detector_kwargs: passed to the torchvision class (``box_detections_per_img``,
-            ``rpn_post_nms_top_n_test``, ``score_thresh``, …).
+        detector_kwargs, more_kwargs: passed to the torchvision class (``box_detections_per_img``,
+            ``rpn_post_nms_top_n_test``, …); a dict (as a config holds them) or keywords, or both.
     """
     if kind not in DETECTORS:
         raise ValueError(f"unknown detector kind {kind!r}; choose one of: {', '.join(DETECTORS)}")
@@ -166,6 +167,7 @@ def build_detector(kind: str = "fasterrcnn", backbone: str = "resnet18", num_cla
         # FCOSHead normalises with GroupNorm(32, C): C = 32 leaves one value per group on the 1x1 top level
         raise ValueError(f"fcos needs fpn_channels a multiple of 32 and >= 64 (its heads use GroupNorm(32)), "
                          f"got {fpn_channels}")
+    detector_kwargs = {**(detector_kwargs or {}), **more_kwargs}
     builder, cls, two_stage, default_scale = DETECTORS[kind]
     _check_kwargs(kind, cls, detector_kwargs)
     body = _fpn_backbone(backbone, norm, trainable_layers, two_stage, fpn_channels)
