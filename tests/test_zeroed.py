@@ -252,8 +252,11 @@ def test_residual_channel_zero_in_every_producer_is_removed_everywhere():
     for reader in ("layer1.0.conv1", "layer1.1.conv1", "layer2.0.conv1", "layer2.0.downsample.0"):
         assert widths[reader][1] == 61
     assert set(report["channels"]) == set(STREAM) | set(STREAM_BN)
+    # 61 instead of 64 inputs changes every downstream conv's summation order (and oneDNN's kernel
+    # choice): equal up to float32 rounding through 18 layers, measured up to 2.6e-5 here
     torch.testing.assert_close(
-        _outputs(model, torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))), ref)
+        _outputs(model, torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))), ref,
+        rtol=1e-4, atol=1e-4)
 
 
 def test_residual_channel_zero_in_some_producers_stays():
