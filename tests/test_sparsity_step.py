@@ -55,7 +55,6 @@ def _subgradient(total_step: float) -> torch.Tensor:
     ("accumulate 2", ZeroLoss("SGD"), 2, {"accumulate_grad_batches": 2}, 2 * LR * LAM),  # once per step
     ("clipping", ZeroLoss("SGD"), 1, {"gradient_clip_val": 1e-6}, LR * LAM),  # never rescaled by it
     ("bf16-mixed", ZeroLoss("SGD"), 1, {"precision": "bf16-mixed"}, LR * LAM),
-    ("16-mixed", ZeroLoss("SGD"), 1, {"precision": "16-mixed"}, LR * LAM),  # after the scaler unscales
 ])
 def test_sgd_moves_gamma_by_the_paper_subgradient(name, module, steps, trainer_args, moved):
     # γ[3] crosses zero on the first step (the subgradient overshoots; the proximal step would not),
