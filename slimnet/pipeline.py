@@ -31,6 +31,7 @@ from slimnet.data import build_datamodule
 from slimnet.graph import TraceError, trace_channel_groups
 from slimnet.latency import compare_latency, speedup_columns
 from slimnet.measure import count_flops
+from slimnet.reach import Reach, reach_of
 from slimnet.models.build import build_model
 from slimnet.module import SlimModule
 from slimnet.report import summary_table, write_json
@@ -184,8 +185,9 @@ def _check_writable(run_dir: Path) -> None:
                           "point hydra.run.dir at a writable folder") from None
 
 
-def _preflight(model: torch.nn.Module, example: torch.Tensor, arch: str) -> None:
-    """Trace the model now: a model that cannot be slimmed fails before training, not at the prune epoch."""
+def _preflight(model: torch.nn.Module, example: torch.Tensor, arch: str) -> Reach:
+    """Trace the model now: a model that cannot be slimmed fails before training, not at the prune epoch,
+    and a user learns in seconds what share of it the cut can reach."""
     try:
         graph = trace_channel_groups(model, example)  # TraceError names the module and the way on
     except TraceError:
@@ -199,6 +201,7 @@ def _preflight(model: torch.nn.Module, example: torch.Tensor, arch: str) -> None
         why = "has no BatchNorm: there is no γ to slim by" if not has_bn else \
             "has no channel group that can be cut safely (" + "; ".join(graph.warnings[:3]) + ")"
         raise ConfigError(f"model {arch} {why}; use prune=none to train it without surgery")
+    return reach_of(graph)
 
 
 def _single_process(cfg: DictConfig) -> bool:
@@ -238,8 +241,10 @@ def train(cfg: DictConfig, run_dir: str | Path, extra_callbacks: list[pl.Callbac
     datamodule, facts = build_data(cfg)
     module = build_module(cfg, facts)
     example = facts.example
+    reach = None
     if pruning_enabled(cfg):
-        _preflight(module.model, example, cfg.model.get("arch") or cfg.model.get("_target_"))
+        reach = _preflight(module.model, example, cfg.model.get("arch") or cfg.model.get("_target_"))
+        log.info("%s", reach)  # before training: what the sparse phase works towards
 
     # Jobs that differ only after the prune epoch share one sparse phase (see sparse_cache.py).
     cache, reused = None, False
@@ -256,6 +261,7 @@ def train(cfg: DictConfig, run_dir: str | Path, extra_callbacks: list[pl.Callbac
     finally:
         if publisher is not None:
             publisher.release()  # if this job died before publishing, let the next one train the key
+    results["reach"] = reach.to_dict() if reach is not None else None
     results["sparse_phase"] = {"reused": reused, "key": cache.key if cache is not None else None,
                                "trained_by": cache.trained_by() if cache is not None else None}
     if results.pop("is_global_zero"):

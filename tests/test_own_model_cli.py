@@ -177,3 +177,15 @@ def test_only_the_policy_used_is_recorded(compose_cfg, tmp_path):
 def test_custom_without_a_target_says_what_to_set(compose_cfg, tmp_path, group):
     with pytest.raises(ConfigError, match=rf"{group}=custom needs {group}._target_="):
         train(compose_cfg(f"{group}=custom", *SHORT), tmp_path)
+
+
+def test_the_run_says_what_the_cut_can_reach_before_training(compose_cfg, tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="slimnet"):
+        results = train(compose_cfg(*TINY), tmp_path)
+    reach = results["reach"]
+    assert reach["bn_channels"] == 1.0 and 0.9 < reach["flops"] <= 1.0 and reach["frozen"] == []  # a plain VGG
+    first_epoch = next(i for i, r in enumerate(caplog.records) if "surgery at epoch" in r.getMessage())
+    said = [i for i, r in enumerate(caplog.records) if "surgery can reach 100%" in r.getMessage()]
+    assert said and said[0] < first_epoch  # said before any training, not after the sparse phase
