@@ -198,6 +198,8 @@ class SlimmingCallback(Callback):
             held = sum(len(t) for t in self._recording)
             if x is None or x.dim() == 0 or held >= _FOLD_SAMPLES:
                 return
+            if self._recording and x.shape[1:] != self._recording[0].shape[1:]:
+                return  # another size (a detector's batches differ): keep one shape to concatenate
             per_sample = max(x[:1].numel() * x.element_size(), 1)
             room = min(_FOLD_SAMPLES - held, _FOLD_BYTES // per_sample - held)
             if room > 0:
