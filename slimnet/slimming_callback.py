@@ -175,6 +175,7 @@ class SlimmingCallback(Callback):
             self._new_checkpoint_phase(trainer, reset=False)
             return
         target = resolve_submodule(pl_module, self.module, "SlimmingCallback")
+        self._inputs = _to(self._inputs, pl_module.device)  # recorded in setup, before the model moved
         graph = trace_channel_groups(target, self._inputs, self.leaf_modules)  # TraceError says why and how on
         if not any(group.prunable for group in graph.groups):
             raise ValueError(f"SlimmingCallback: {self.module or type(pl_module).__name__} has no channel group "
@@ -249,7 +250,7 @@ class SlimmingCallback(Callback):
     # -- the cut ------------------------------------------------------------------------------------
     def _cut(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
         target = resolve_submodule(pl_module, self.module, "SlimmingCallback")
-        inputs = self._inputs
+        inputs = _to(self._inputs, pl_module.device)
         if self._fold_inputs is not None and len(inputs) == 1:
             inputs = (self._fold_inputs.to(pl_module.device),)
         policy = {"thresh": self.thresh} if self.thresh is not None else {"percent": self.percent}
@@ -344,3 +345,7 @@ class SlimmingCallback(Callback):
             metrics["after_cut"] = after
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
+
+
+def _to(inputs: tuple, device: torch.device) -> tuple:
+    return tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs)
