@@ -143,7 +143,13 @@ def validate(cfg: DictConfig) -> None:
     """Raise ``ConfigError`` on the first problem found."""
     p = cfg.prune
     _check_own_keys(cfg)
-    check_model_and_data(cfg)
+    task = cfg.get("task", "classification")
+    if task not in ("classification", "detection"):
+        raise ConfigError(f"task={task!r} is unknown; choose classification or detection")
+    if task == "detection":  # the detector's keys are checked by build_detector, the data by its module
+        _check_call("trainer", pl.Trainer, list(cfg.trainer), "pytorch_lightning.Trainer")
+    else:
+        check_model_and_data(cfg)
     if p.thresh is not None and (not _number(p.thresh) or math.isnan(p.thresh) or p.thresh < 0):
         raise ConfigError(f"prune.thresh={p.thresh} must be a number >= 0 (an absolute |γ| threshold)")
     if p.percent is not None and (not _number(p.percent) or not 0 <= p.percent < 1):

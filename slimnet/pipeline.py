@@ -232,6 +232,10 @@ def train(cfg: DictConfig, run_dir: str | Path, extra_callbacks: list[pl.Callbac
     run_dir = Path(run_dir)
     validate(cfg)
     _check_writable(run_dir)
+    if cfg.get("task", "classification") == "detection":
+        from slimnet.detection.pipeline import train_detection
+
+        return train_detection(cfg, run_dir, extra_callbacks)
     ckpt_path = _resolve_ckpt(cfg, run_dir)
     pl.seed_everything(cfg.seed, workers=True)
     for key in ("thresh", "target_flops"):
