@@ -68,6 +68,10 @@ def collect(sweep_dir: str | Path) -> list[dict]:
             "speedup": latency.get("speedup"), **latency.get("columns", {}),
             "sparse_reused": (r.get("sparse_phase") or {}).get("reused"),
             "channels": json.dumps({k: v[1] for k, v in r.get("channels", {}).items()}),
+            # detection runs: mAP, and the whole detector's FLOPs beside the cut part's
+            "test_map": r.get("test_map"), "test_map_50": r.get("test_map_50"),
+            "detector_flops": (r["after"].get("detector_flops") or {}).get("total"),
+            "detector_flops_before": (r["before"].get("detector_flops") or {}).get("total"),
         })
     return rows
 
@@ -168,7 +172,8 @@ def report(sweep_dir: str | Path, baseline: str | Path | None = None) -> tuple[P
     rows = collect(sweep_dir) + ([baseline_row(baseline)] if baseline is not None else [])
     csv_path, png_path = sweep_dir / "sweep.csv", sweep_dir / "acc_vs_flops.png"
     write_csv(rows, csv_path)
-    plot(rows, png_path)
+    detection = any(r.get("test_map") is not None for r in rows)
+    plot(rows, png_path, metric="test_map" if detection else "test_acc")
     log.info("sweep report: %s, %s (%d jobs, %d ok)", csv_path, png_path, len(rows),
              sum(r["status"] == "ok" for r in rows))
     return csv_path, png_path

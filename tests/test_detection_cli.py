@@ -21,7 +21,8 @@ TINY_DETECTION = ["experiment=detection", "model=detector", "model.min_size=64",
 
 
 def test_detection_experiment_cuts_the_backbone_and_reports_map(compose_cfg, tmp_path, single_thread):
-    results = train(compose_cfg(*TINY_DETECTION), tmp_path)
+    results = train(compose_cfg(*TINY_DETECTION, "logger=tensorboard"), tmp_path)
+    assert any((tmp_path / "tb").rglob("events.out.tfevents.*"))
     assert json.loads((tmp_path / "results.json").read_text())["task"] == "detection"
     assert 0.0 <= results["test_map"] <= 1.0 and 0.0 <= results["test_map_50"] <= 1.0
     assert results["scope"]["module"] == "model.backbone.body"
@@ -48,3 +49,17 @@ def test_detection_config_errors_come_before_training(compose_cfg, tmp_path, ove
     with pytest.raises(ConfigError, match=message):
         train(compose_cfg(*TINY_DETECTION, override), tmp_path)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_detection_sweep_report_plots_map_against_flops(compose_cfg, tmp_path, single_thread):
+    from slimnet.sweep import report
+
+    for job, percent in (("0", 0.2), ("1", 0.5)):
+        train(compose_cfg(*TINY_DETECTION, f"prune.percent={percent}"), tmp_path / job)
+    csv_path, png_path = report(tmp_path)
+    import csv
+
+    rows = list(csv.DictReader(csv_path.read_text().splitlines()))
+    assert len(rows) == 2 and all(r["test_map"] != "" and r["detector_flops"] != "" for r in rows)
+    assert float(rows[1]["flops"]) < float(rows[0]["flops"])  # the larger cut, the fewer FLOPs
+    assert png_path.stat().st_size > 0

@@ -18,9 +18,10 @@ from pathlib import Path
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import TensorBoardLogger
 
 from slimnet.api import layer_widths
-from slimnet.callbacks import PhaseTimer, SlimmingCallback, SparsityCallback
+from slimnet.callbacks import GammaMonitor, PhaseTimer, SlimmingCallback, SparsityCallback
 from slimnet.checkpoint_io import SafeCheckpointIO
 from slimnet.config import ConfigError
 from slimnet.custom_data import build_custom_datamodule
@@ -70,7 +71,7 @@ def train_detection(cfg: DictConfig, run_dir: str | Path, extra_callbacks=()) ->
     pruning = cfg.prune.epoch is not None and bool(_policy(cfg.prune))
     scope = task.prune_scope(cfg.prune.get("scope") or "backbone")
     target = task.get_submodule(scope.module)
-    part_before, detector_before = count_flops(target, scope.example_input)[0], task.flops()
+    (part_before, params_before), detector_before = count_flops(target, scope.example_input), task.flops()
     widths_before = layer_widths(target)
 
     p, s = cfg.prune, cfg.sparsity
@@ -87,14 +88,18 @@ def train_detection(cfg: DictConfig, run_dir: str | Path, extra_callbacks=()) ->
                                     fold_bias=p.fold_bias, **_policy(p))
         callbacks.append(slimming)
     trainer_args = {**OmegaConf.to_container(cfg.trainer, resolve=True), "enable_progress_bar": cfg.callbacks.progress_bar}
-    trainer = pl.Trainer(**trainer_args, callbacks=callbacks + list(extra_callbacks), logger=False,
+    loggers = []
+    if cfg.logger.tensorboard:  # mAP, losses, λ and γ statistics, and the γ histograms of the cut part
+        loggers = [TensorBoardLogger(save_dir=str(run_dir), name="tb", version="", default_hp_metric=False)]
+        callbacks.append(GammaMonitor(histograms=cfg.callbacks.gamma_histograms, module=scope.module))
+    trainer = pl.Trainer(**trainer_args, callbacks=callbacks + list(extra_callbacks), logger=loggers or False,
                          default_root_dir=str(run_dir), plugins=[SafeCheckpointIO()])
     start = time.perf_counter()
     trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     fit_seconds = time.perf_counter() - start
     metrics = trainer.test(task, datamodule=datamodule, verbose=False)[0] if cfg.test else {}
 
-    part_after, detector_after = count_flops(target, scope.example_input)[0], task.flops()
+    (part_after, params_after), detector_after = count_flops(target, scope.example_input), task.flops()
     cut = slimming.report if slimming is not None and slimming.report else {}
     widths_after = layer_widths(target)
     results = {
@@ -103,9 +108,10 @@ def train_detection(cfg: DictConfig, run_dir: str | Path, extra_callbacks=()) ->
         "val_map": float(trainer.callback_metrics["val/map"]) if "val/map" in trainer.callback_metrics else None,
         "scope": {"name": p.get("scope") or "backbone", "module": scope.module},
         "flops_note": f"one {task.image_size[0]}x{task.image_size[1]} image after the detector's resize",
-        "before": {"flops": part_before, "detector_flops": detector_before},
-        "after": {"flops": part_after, "detector_flops": detector_after},
+        "before": {"flops": part_before, "params": params_before, "detector_flops": detector_before},
+        "after": {"flops": part_after, "params": params_after, "detector_flops": detector_after},
         "flops_reduction": 1 - part_after / part_before,
+        "params_reduction": 1 - params_after / params_before,
         "detector_flops_reduction": 1 - detector_after["total"] / detector_before["total"],
         "threshold": cut.get("threshold"), "policy": cut.get("policy"),
         "channels": {n: [widths_before[n], w] for n, w in widths_after.items() if w != widths_before[n]},
