@@ -31,18 +31,18 @@ from slimnet.data import build_datamodule
 from slimnet.graph import TraceError, trace_channel_groups
 from slimnet.latency import compare_latency, speedup_columns
 from slimnet.measure import count_flops
-from slimnet.reach import Reach, reach_of
 from slimnet.models.build import build_model
 from slimnet.module import SlimModule
+from slimnet.reach import Reach, reach_of
 from slimnet.report import summary_table, write_json
 from slimnet.sparse_cache import SparseCache, sparse_key
 
 log = logging.getLogger(__name__)
 
 
-def _policy(cfg: DictConfig) -> dict:
-    """The one policy a run cuts by: thresh or target_flops (when given) win over the default percent."""
-    p = cfg.prune
+def cut_policy(p: DictConfig) -> dict:
+    """The one policy a run's ``prune`` config cuts by: thresh or target_flops (when given) win over the
+    default percent."""
     for key in ("thresh", "target_flops", "percent"):
         if p.get(key) is not None:
             return {key: p[key]}
@@ -77,7 +77,8 @@ def _callbacks(cfg: DictConfig, run_dir: Path, example_input: torch.Tensor,
                                           eps=s.get("eps", 1e-2)))
     if pruning_enabled(cfg):
         callbacks.append(SlimmingCallback(
-            epoch=p.epoch, module="model", example_input=example_input, module_input=True, **_policy(cfg),
+            epoch=p.epoch, module="model", example_input=example_input, module_input=True,
+            **cut_policy(cfg.prune),
             min_channels=p.min_channels, round_to=p.round_to, fold_bias=p.fold_bias,
             evaluate=_val_accuracy if p.eval_after_cut else None, save_sparse=True,
             on_sparse_saved=(lambda path: cache.publish(path, run_dir)) if cache is not None else None))
@@ -301,7 +302,7 @@ def _fit_and_report(cfg, run_dir, datamodule, module, example, ckpt_path, extra_
     slimming = next((cb for cb in callbacks if isinstance(cb, SlimmingCallback)), None)
     cut = slimming.report if slimming is not None and slimming.report else {}
     prune_cfg = OmegaConf.to_container(cfg.prune, resolve=True)
-    policy = _policy(cfg) if pruning_enabled(cfg) else {}
+    policy = cut_policy(cfg.prune) if pruning_enabled(cfg) else {}
     for key in ("thresh", "percent", "target_flops"):  # record only the policy the cut used
         if key not in policy:
             prune_cfg.pop(key, None)

@@ -149,8 +149,7 @@ class SparsityCallback(Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         stats = gamma_stats(resolve_submodule(pl_module, self.module, "SparsityCallback"), small=self.eps)
-        lam = self.lam_after if self.until_epoch is not None and trainer.current_epoch >= self.until_epoch else (
-            self.controller.lam if self.controller is not None else self.lam)  # the λ this epoch ended with
+        lam = self.current_lam()  # the λ this epoch ended with (the controller's, when it drives it)
         self.history.append({"epoch": trainer.current_epoch, "lam": lam, **stats})
         if self.log_stats:
             pl_module.log_dict({f"sparsity/{k}": v for k, v in stats.items()}, sync_dist=False)

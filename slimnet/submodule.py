@@ -57,14 +57,3 @@ def submodule_input(root: nn.Module, name: str | None, example, who: str) -> tup
                          "name a sub-module the forward pass uses, or pass example_input= for it")
     return seen[0]
 
-
-def first_tensor_batch(batch) -> torch.Tensor | None:
-    """The first tensor in a (nested) batch: the images of ``(x, y)``, ``{"image": x, ...}`` or ``[x1, x2]``."""
-    if isinstance(batch, torch.Tensor):
-        return batch
-    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else ()
-    for value in values:
-        found = first_tensor_batch(value)
-        if found is not None:
-            return found
-    return None

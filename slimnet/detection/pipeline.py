@@ -26,18 +26,12 @@ from slimnet.checkpoint_io import SafeCheckpointIO
 from slimnet.config import ConfigError
 from slimnet.custom_data import build_custom_datamodule
 from slimnet.measure import count_flops
+from slimnet.pipeline import cut_policy
 from slimnet.report import write_json
 
 log = logging.getLogger(__name__)
 
 SCOPES = ("backbone", "backbone+neck")
-
-
-def _policy(p: DictConfig) -> dict:
-    for key in ("thresh", "target_flops", "percent"):
-        if p.get(key) is not None:
-            return {key: p[key]}
-    return {}
 
 
 def validate_detection(cfg: DictConfig) -> None:
@@ -68,7 +62,7 @@ def train_detection(cfg: DictConfig, run_dir: str | Path, extra_callbacks=()) ->
                              momentum=cfg.optim.get("momentum", 0.9), weight_decay=cfg.optim.weight_decay)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"model: {str(err).splitlines()[0]}") from None
-    pruning = cfg.prune.epoch is not None and bool(_policy(cfg.prune))
+    pruning = cfg.prune.epoch is not None and bool(cut_policy(cfg.prune))
     scope = task.prune_scope(cfg.prune.get("scope") or "backbone")
     target = task.get_submodule(scope.module)
     (part_before, params_before), detector_before = count_flops(target, scope.example_input), task.flops()
@@ -85,7 +79,7 @@ def train_detection(cfg: DictConfig, run_dir: str | Path, extra_callbacks=()) ->
     if pruning:
         slimming = SlimmingCallback(epoch=p.epoch, module=scope.module, example_input=scope.example_input,
                                     module_input=True, min_channels=p.min_channels, round_to=p.round_to,
-                                    fold_bias=p.fold_bias, **_policy(p))
+                                    fold_bias=p.fold_bias, **cut_policy(p))
         callbacks.append(slimming)
     trainer_args = {**OmegaConf.to_container(cfg.trainer, resolve=True), "enable_progress_bar": cfg.callbacks.progress_bar}
     loggers = []
