@@ -29,7 +29,8 @@ def main(cfg: DictConfig) -> float | None:
     try:
         if cfg.get("resume"):
             cfg, run_dir = resumed_config(cfg.resume)
-        return train(cfg, run_dir)["test_acc"]  # what a Hydra sweeper would optimise
+        results = train(cfg, run_dir)
+        return results.get("test_acc", results.get("test_map"))  # what a Hydra sweeper would optimise
     except Exception as err:
         if hydra_cfg.mode == RunMode.MULTIRUN:
             # One failing job must not sink the sweep: record it, let the others run.

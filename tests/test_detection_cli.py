@@ -26,6 +26,9 @@ def test_detection_experiment_cuts_the_backbone_and_reports_map(compose_cfg, tmp
     assert json.loads((tmp_path / "results.json").read_text())["task"] == "detection"
     assert 0.0 <= results["test_map"] <= 1.0 and 0.0 <= results["test_map_50"] <= 1.0
     assert results["scope"]["module"] == "model.backbone.body"
+    assert 0.0 <= results["val_map"] <= 1.0
+    after_cut = results["val_map_after_cut"]  # measured on the cut model before fine-tuning
+    assert set(after_cut) == {"map", "map_50"} and 0.0 <= after_cut["map"] <= after_cut["map_50"] <= 1.0
     assert results["after"]["flops"] < results["before"]["flops"]  # the body was really cut
     before, after = results["before"]["detector_flops"], results["after"]["detector_flops"]
     assert after["total"] < before["total"] and after["heads"] == before["heads"]  # heads kept whole

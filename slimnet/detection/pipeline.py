@@ -47,6 +47,11 @@ def validate_detection(cfg: DictConfig) -> None:
                               "running statistics stay as loaded) or sparsity=none")
 
 
+def _val_map(trainer: pl.Trainer, task) -> dict[str, float] | None:
+    loader = trainer.datamodule.val_dataloader() if trainer.datamodule is not None else None
+    return task.map_on(loader) if loader else None
+
+
 def train_detection(cfg: DictConfig, run_dir: str | Path, extra_callbacks=()) -> dict:
     from slimnet.detection.task import DetectionTask  # torchvision detection, only for this task
 
@@ -79,7 +84,8 @@ def train_detection(cfg: DictConfig, run_dir: str | Path, extra_callbacks=()) ->
     if pruning:
         slimming = SlimmingCallback(epoch=p.epoch, module=scope.module, example_input=scope.example_input,
                                     module_input=True, min_channels=p.min_channels, round_to=p.round_to,
-                                    fold_bias=p.fold_bias, **cut_policy(p))
+                                    fold_bias=p.fold_bias, evaluate=_val_map if p.eval_after_cut else None,
+                                    **cut_policy(p))
         callbacks.append(slimming)
     trainer_args = {**OmegaConf.to_container(cfg.trainer, resolve=True), "enable_progress_bar": cfg.callbacks.progress_bar}
     loggers = []
@@ -91,6 +97,7 @@ def train_detection(cfg: DictConfig, run_dir: str | Path, extra_callbacks=()) ->
     start = time.perf_counter()
     trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     fit_seconds = time.perf_counter() - start
+    val_map = trainer.callback_metrics.get("val/map")  # read before testing replaces the callback metrics
     metrics = trainer.test(task, datamodule=datamodule, verbose=False)[0] if cfg.test else {}
 
     (part_after, params_after), detector_after = count_flops(target, scope.example_input), task.flops()
@@ -99,7 +106,7 @@ def train_detection(cfg: DictConfig, run_dir: str | Path, extra_callbacks=()) ->
     results = {
         "status": "ok", "task": "detection",
         "test_map": metrics.get("test/map"), "test_map_50": metrics.get("test/map_50"),
-        "val_map": float(trainer.callback_metrics["val/map"]) if "val/map" in trainer.callback_metrics else None,
+        "val_map": float(val_map) if val_map is not None else None,
         "scope": {"name": p.get("scope") or "backbone", "module": scope.module},
         "flops_note": f"one {task.image_size[0]}x{task.image_size[1]} image after the detector's resize",
         "before": {"flops": part_before, "params": params_before, "detector_flops": detector_before},
@@ -107,6 +114,7 @@ def train_detection(cfg: DictConfig, run_dir: str | Path, extra_callbacks=()) ->
         "flops_reduction": 1 - part_after / part_before,
         "params_reduction": 1 - params_after / params_before,
         "detector_flops_reduction": 1 - detector_after["total"] / detector_before["total"],
+        "val_map_after_cut": cut.get("after_cut"),  # {map, map_50} right after the cut, before fine-tuning
         "threshold": cut.get("threshold"), "policy": cut.get("policy"),
         "channels": {n: [widths_before[n], w] for n, w in widths_after.items() if w != widths_before[n]},
         "warnings": cut.get("warnings", []),

@@ -115,6 +115,21 @@ class DetectionTask(Slimmable, pl.LightningModule):
                       prog_bar=stage == "val", sync_dist=False)  # torchmetrics already gathered ranks
         metric.reset()
 
+    @torch.no_grad()
+    def map_on(self, loader) -> dict[str, float]:
+        """COCO mAP@[.5:.95] and mAP@.5 over ``loader`` outside a Lightning loop (e.g. right after a cut);
+        the module's train/eval mode is restored."""
+        was_training = self.training
+        self.eval()
+        metric = _mean_average_precision(self.hparams.map_backend).to(self.device)
+        for images, targets in loader:
+            images = [im.to(self.device) for im in images]
+            targets = [{k: v.to(self.device) for k, v in t.items()} for t in targets]
+            self._evaluate((images, targets), metric)
+        result = metric.compute()
+        self.train(was_training)
+        return {"map": float(result["map"]), "map_50": float(result["map_50"])}
+
     def validation_step(self, batch, batch_idx: int) -> None:
         self._evaluate(batch, self.val_map)
 
