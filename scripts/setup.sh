@@ -14,5 +14,7 @@ fi
 
 # PyTorch first, pinned, so that slimnet's looser requirement does not pull another build.
 python -m pip install -q $TORCH_SPEC
-python -m pip install -q -e ".[dev]"
+# editable_mode=compat puts the clone on sys.path, so that a folder named slimnet in the working
+# directory (the clone itself, seen from its parent) cannot shadow the package as an empty namespace.
+python -m pip install -q -e ".[dev]" --config-settings editable_mode=compat
 python -c "import slimnet, torch; print(f'slimnet {slimnet.__version__} with torch {torch.__version__} ready')"

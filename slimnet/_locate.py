@@ -11,8 +11,10 @@ import inspect
 import os
 import sys
 
+from slimnet.errors import UserError
 
-class TargetImportError(ImportError):
+
+class TargetImportError(UserError, ImportError):
     """A ``_target_`` that cannot be imported; the message says what to make importable."""
 
 

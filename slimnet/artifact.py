@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from slimnet._atomic import atomic_write
+from slimnet.errors import UnreadableFileError, first_line
 from slimnet.plan import PrunePlan
 from slimnet.surgery import replay_plan
 
@@ -39,8 +40,7 @@ def safe_load(path: str | os.PathLike, map_location="cpu"):
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such file") from None
     except Exception as err:  # truncated zip, foreign pickle, refused global: all mean "not ours"
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{path}: not a loadable slimnet/PyTorch file ({first_line[:200]})") from None
+        raise UnreadableFileError(f"{path}: not a loadable slimnet/PyTorch file ({first_line(err)})") from None
 
 
 def save_pruned(model: nn.Module, path: str | os.PathLike, model_config: dict | None = None) -> None:
@@ -68,11 +68,11 @@ def load_pruned(path: str | os.PathLike, model: nn.Module | None = None, map_loc
     """
     data = safe_load(path, map_location=map_location)
     if not isinstance(data, dict) or data.get("format") != ARTIFACT_FORMAT:
-        raise ValueError(f"{path}: not a slimnet pruned-model artifact (expected format {ARTIFACT_FORMAT})")
+        raise UnreadableFileError(f"{path}: not a slimnet pruned-model artifact (expected format {ARTIFACT_FORMAT})")
     plan = PrunePlan.from_json(data["plan"])
     if model is None:
         if not data["model_config"]:
-            raise ValueError(f"{path}: this artifact has no model config; "
+            raise UnreadableFileError(f"{path}: this artifact has no model config; "
                              "call load_pruned(path, model=<a freshly built unpruned model>)")
         from slimnet._locate import TargetImportError
         from slimnet.models.build import build_model  # the registry or the user's callable, no training code

@@ -14,6 +14,7 @@ import pytorch_lightning as pl
 from torch import nn
 
 from slimnet.artifact import safe_load
+from slimnet.errors import UnreadableFileError
 from slimnet.plan import PrunePlan
 from slimnet.surgery import replay_plan
 
@@ -68,7 +69,7 @@ def load_checkpoint(path: str | os.PathLike, cls: type[pl.LightningModule], map_
     """
     checkpoint = safe_load(path, map_location=map_location)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError(f"{path}: not a Lightning checkpoint (no state_dict)")
+        raise UnreadableFileError(f"{path}: not a Lightning checkpoint (no state_dict)")
     hparams = dict(checkpoint.get("hyper_parameters") or {})
     hparams.pop("_instantiator", None)
     try:

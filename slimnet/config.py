@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from slimnet._locate import TargetImportError, locate, unknown_keywords
 from slimnet.data import DATAMODULES
+from slimnet.errors import UserError
 from slimnet.models import list_models
 from slimnet.models.build import DATA_ARGS
 from slimnet.models.registry import _MODELS
@@ -30,7 +31,7 @@ _OWN_GROUPS = ("prune", "sparsity", "optim", "callbacks", "logger")
 _OWN_SECTIONS = ("finetune", "latency")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A run config that cannot work; the message names the key and what to set."""
 
 
@@ -160,6 +161,9 @@ def validate(cfg: DictConfig) -> None:
         if not _number(p.target_flops) or not 0 < p.target_flops <= 1:
             raise ConfigError(f"prune.target_flops={p.target_flops} must be in (0, 1] (the fraction of FLOPs kept)")
     max_epochs = cfg.trainer.max_epochs
+    if max_epochs is not None and max_epochs != -1 and (not isinstance(max_epochs, int) or max_epochs < 1):
+        raise ConfigError(f"trainer.max_epochs={max_epochs} trains nothing; set it to 1 or more "
+                          "(or -1 with trainer.max_steps)")
     if p.epoch is not None:
         if not isinstance(p.epoch, int) or p.epoch < 0:
             raise ConfigError(f"prune.epoch={p.epoch} must be an integer >= 0")

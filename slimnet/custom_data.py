@@ -14,9 +14,10 @@ import pytorch_lightning as pl
 import torch
 
 from slimnet._locate import locate
+from slimnet.errors import UserError
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data module that cannot serve the run; the message says what to add."""
 
 

@@ -25,9 +25,11 @@ from slimnet.api import layer_widths
 from slimnet.artifact import save_pruned
 from slimnet.callbacks import GammaMonitor, PhaseTimer, SlimmingCallback, SparsityCallback
 from slimnet.checkpoint_io import SafeCheckpointIO
+from slimnet.console import progress_callbacks
 from slimnet.config import ConfigError, pruning_enabled, validate
 from slimnet.custom_data import DataError, DataFacts, build_custom_datamodule, describe
 from slimnet.data import build_datamodule
+from slimnet.errors import USER_ERROR_TYPES, first_line
 from slimnet.graph import TraceError, trace_channel_groups
 from slimnet.latency import compare_latency, speedup_columns
 from slimnet.measure import count_flops
@@ -136,8 +138,8 @@ def build_module(cfg: DictConfig, facts: DataFacts) -> SlimModule:
     except (TypeError, ValueError) as err:
         unknown = re.search(r"unexpected keyword argument '(\w+)'", str(err))
         if unknown:  # a builder taking **kwargs passed a typo on to the class
-            raise ConfigError(f"model.{unknown[1]} is not a setting of this model ({str(err).splitlines()[0]})") from None
-        raise ConfigError(f"model: {str(err).splitlines()[0]}") from None
+            raise ConfigError(f"model.{unknown[1]} is not a setting of this model ({first_line(err)})") from None
+        raise ConfigError(f"model: {first_line(err)}") from None
     num_classes = model_config.get("num_classes") or _output_classes(model, facts.example)
     if "num_classes" not in model.slimnet_config and facts.num_classes is None:
         log.info("%s takes no num_classes and the data module does not say: %d classes, from the model's output",
@@ -155,7 +157,7 @@ def build_module(cfg: DictConfig, facts: DataFacts) -> SlimModule:
 
 
 # Errors whose message already says what to do: the command line prints them as one line.
-USER_ERRORS = (ConfigError, DataError, FileNotFoundError, FloatingPointError, TraceError, TargetImportError)
+USER_ERRORS = (*USER_ERROR_TYPES, TraceError)  # TraceError: graph.py keeps free of the CLI's error kinds
 
 
 def record_failure(run_dir: str | Path, err: BaseException) -> None:
@@ -194,8 +196,7 @@ def _preflight(model: torch.nn.Module, example: torch.Tensor, arch: str) -> Reac
     except TraceError:
         raise
     except RuntimeError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"model {arch} cannot run on inputs of shape {tuple(example.shape[1:])}: {first}; "
+        raise ConfigError(f"model {arch} cannot run on inputs of shape {tuple(example.shape[1:])}: {first_line(err)}; "
                           "choose a model or data.image_size that fit") from None
     if not any(group.prunable for group in graph.groups):
         has_bn = any(group.norms for group in graph.groups)
@@ -271,18 +272,25 @@ def train(cfg: DictConfig, run_dir: str | Path, extra_callbacks: list[pl.Callbac
                                "trained_by": cache.trained_by() if cache is not None else None}
     if results.pop("is_global_zero"):
         write_json(results, run_dir / "results.json")
-        log.info("results in %s\n%s", run_dir / "results.json", summary_table(results))
+        log.info("%s\nresults in %s", summary_table(results, layers=_producers(module.model)), run_dir)
     return results
+
+
+def _producers(model: torch.nn.Module) -> set[str]:
+    """The layers whose widths a reader looks for (convolutions and linears, not their norms)."""
+    return {n for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d,
+                                                                   torch.nn.Linear))}
 
 
 def _fit_and_report(cfg, run_dir, datamodule, module, example, ckpt_path, extra_callbacks, publisher) -> dict:
     flops_before, params_before = count_flops(module.model, example)
     widths_before = layer_widths(module.model)
-    callbacks = _callbacks(cfg, run_dir, example, publisher) + list(extra_callbacks)
+    progress, bar = progress_callbacks(cfg.callbacks.progress_bar)
+    callbacks = _callbacks(cfg, run_dir, example, publisher) + progress + list(extra_callbacks)
     loggers = [TensorBoardLogger(save_dir=str(run_dir), name="tb", version="", default_hp_metric=False)] \
         if cfg.logger.tensorboard else []
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
-    trainer_args["enable_progress_bar"] = cfg.callbacks.progress_bar
+    trainer_args["enable_progress_bar"] = bar
     trainer = pl.Trainer(**trainer_args, callbacks=callbacks, logger=loggers or False, default_root_dir=str(run_dir),
                          plugins=[SafeCheckpointIO()])
 
@@ -312,6 +320,7 @@ def _fit_and_report(cfg, run_dir, datamodule, module, example, ckpt_path, extra_
         "status": "ok",
         "val_acc": float(val_acc) if val_acc is not None else None,
         "test_acc": float(test_acc) if test_acc is not None else None,
+        "val_acc_before_cut": (cut.get("val_before_cut") or {}).get("val/acc"),
         "val_acc_after_cut": cut.get("after_cut"),
         "before": {"flops": flops_before, "params": params_before},
         "after": {"flops": flops_after, "params": params_after},

@@ -17,23 +17,41 @@ def _fmt(value, scale: float = 1.0, digits: int = 2, suffix: str = "") -> str:
     return "n/a" if value is None else f"{value / scale:.{digits}f}{suffix}"
 
 
-def summary_table(results: dict) -> str:
-    """A fixed-width table of what the run measured, before and after surgery."""
+def _wrapped(items: list[str], width: int = 100, indent: str = "  ") -> list[str]:
+    lines, line = [], ""
+    for item in items:
+        if line and len(line) + 2 + len(item) > width:
+            lines.append(indent + line + ",")
+            line = item
+        else:
+            line = f"{line}, {item}" if line else item
+    return lines + ([indent + line] if line else [])
+
+
+def summary_table(results: dict, layers: set[str] | None = None) -> str:
+    """A fixed-width table of what the run measured: the model before the cut, right after it, and
+    after fine-tuning; then the threshold used and the layers whose widths changed (``layers``: the
+    names to list, e.g. the convolutions without their norms; all when None)."""
     before, after = results["before"], results["after"]
+    pct = lambda v: _fmt(v, 0.01, 2, "%")  # noqa: E731
     rows = [
-        ("FLOPs", _fmt(before["flops"], 1e6, 2, "M"), _fmt(after["flops"], 1e6, 2, "M"),
+        ("FLOPs", _fmt(before["flops"], 1e6, 2, "M"), _fmt(after["flops"], 1e6, 2, "M"), "",
          f"-{100 * (1 - after['flops'] / before['flops']):.1f}%"),
-        ("params", _fmt(before["params"], 1e6, 3, "M"), _fmt(after["params"], 1e6, 3, "M"),
+        ("params", _fmt(before["params"], 1e6, 3, "M"), _fmt(after["params"], 1e6, 3, "M"), "",
          f"-{100 * (1 - after['params'] / before['params']):.1f}%"),
-        ("val acc", _fmt(results.get("val_acc_after_cut"), 0.01, 2, "%") + " (right after cut)",
-         _fmt(results.get("val_acc"), 0.01, 2, "%"), ""),
-        ("test acc", "", _fmt(results.get("test_acc"), 0.01, 2, "%"), ""),
+        ("val acc", pct(results.get("val_acc_before_cut")), pct(results.get("val_acc_after_cut")),
+         pct(results.get("val_acc")), ""),
+        ("test acc", "", "", pct(results.get("test_acc")), ""),
     ]
-    lines = [f"{'':10s} {'before':>28s} {'after':>12s} {'change':>8s}"]
-    lines += [f"{name:10s} {b:>28s} {a:>12s} {c:>8s}" for name, b, a, c in rows]
+    header = ("", "before cut", "after cut", "fine-tuned", "change")
+    lines = [f"{header[0]:10s} {header[1]:>12s} {header[2]:>12s} {header[3]:>12s} {header[4]:>8s}"]
+    lines += [f"{name:10s} {b:>12s} {a:>12s} {f:>12s} {c:>8s}" for name, b, a, f, c in rows]
     if results.get("threshold") is not None:
         lines.append(f"|γ| threshold used: {results['threshold']:.4g} ({results['policy']})")
-    if results.get("channels"):
-        kept = ", ".join(f"{n} {b}->{a}" for n, (b, a) in list(results["channels"].items())[:12])
-        lines.append(f"channels: {kept}{' …' if len(results['channels']) > 12 else ''}")
+    changed = [(n, b, a) for n, (b, a) in (results.get("channels") or {}).items()
+               if (layers is None or n in layers)]
+    cut = [f"{n} {b}->{a}" for n, b, a in changed if a != b]
+    if cut:
+        lines.append(f"output channels before->after of the {len(cut)} layers cut ({len(changed) - len(cut)} left whole):")
+        lines += _wrapped(cut)
     return "\n".join(lines)

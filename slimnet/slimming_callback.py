@@ -222,8 +222,11 @@ class SlimmingCallback(Callback):
         if self.done or trainer.current_epoch < self.epoch:
             return
         self._stop_recording()
+        # The last validation before the cut (the sparse model), beside the after-cut evaluation below.
+        before = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/") and v.numel() == 1}
         start = time.perf_counter()
         self.report = self._cut(trainer, pl_module)
+        self.report["val_before_cut"] = before
         self.report["surgery_seconds"] = time.perf_counter() - start
         self.done = True
         if self.evaluate is not None:

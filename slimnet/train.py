@@ -1,44 +1,90 @@
 """Command line: ``python -m slimnet.train [overrides]`` (Hydra).
 
+    python -m slimnet.train experiment=quick                 # about two minutes: sparse, cut, fine-tune
     python -m slimnet.train                                  # default run, Fashion-MNIST, offline
     python -m slimnet.train +prune.thresh=0.2                # absolute |γ| threshold
     python -m slimnet.train -m +prune.thresh=0.05,0.1,0.2    # a sweep: sweep.csv + acc_vs_flops.png
     python -m slimnet.train resume=outputs/2026-11-22/10-00-00   # resume that run where it stopped
     tensorboard --logdir outputs
+
+A user error (a config key, missing data, a model that cannot be traced) prints one line and exits
+with status 1; ``debug=true`` shows its traceback.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from slimnet.console import quiet_third_party
+from slimnet.interrupt import ResumeHint, resume_hint
 from slimnet.pipeline import USER_ERRORS, record_failure, resumed_config, train
 
 log = logging.getLogger("slimnet")
+_NOTHING_WRITTEN = {".hydra", "train.log", ".write-test"}  # what Hydra and the preflight leave before training
+
+
+def _file_handlers_in(folder: Path) -> list[logging.FileHandler]:
+    return [h for h in logging.getLogger().handlers
+            if isinstance(h, logging.FileHandler) and Path(h.baseFilename).parent == folder]
+
+
+def _log_into(run_dir: Path, fresh_dir: Path) -> None:
+    """A resumed run logs on into its own ``train.log``; the empty folder Hydra made for it goes."""
+    for handler in _file_handlers_in(fresh_dir):
+        moved = logging.FileHandler(run_dir / "train.log", mode="a")
+        moved.setFormatter(handler.formatter)
+        logging.getLogger().addHandler(moved)
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    _remove_if_unused(fresh_dir)
+
+
+def _remove_if_unused(folder: Path) -> None:
+    """Drop a run folder that holds nothing but Hydra's own files (a run that failed before training)."""
+    if folder.is_dir() and {p.name for p in folder.iterdir()} <= _NOTHING_WRITTEN:
+        for handler in _file_handlers_in(folder):
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+        shutil.rmtree(folder, ignore_errors=True)
+        if folder.parent.is_dir() and not any(folder.parent.iterdir()):  # the day's folder, if it was the only run
+            folder.parent.rmdir()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    quiet_third_party()
     hydra_cfg = HydraConfig.get()
-    run_dir = hydra_cfg.runtime.output_dir
+    fresh_dir = run_dir = Path(hydra_cfg.runtime.output_dir)
+    debug = bool(cfg.get("debug"))
     try:
         if cfg.get("resume"):
             cfg, run_dir = resumed_config(cfg.resume)
-        results = train(cfg, run_dir)
+            _log_into(run_dir, fresh_dir)
+        results = train(cfg, run_dir, extra_callbacks=[ResumeHint(run_dir)])
         return results.get("test_acc", results.get("test_map"))  # what a Hydra sweeper would optimise
+    except KeyboardInterrupt:  # outside the fit (Lightning handles it inside, with ResumeHint)
+        log.warning("%s", resume_hint(run_dir))
+        sys.exit(130)
     except Exception as err:
         if hydra_cfg.mode == RunMode.MULTIRUN:
             # One failing job must not sink the sweep: record it, let the others run.
-            log.exception("job failed; recorded in results.json, the sweep goes on")
+            if isinstance(err, USER_ERRORS) and not debug:
+                log.error("job failed (recorded in its results.json; the sweep goes on): %s", err)
+            else:
+                log.exception("job failed; recorded in results.json, the sweep goes on")
             record_failure(run_dir, err)
             return None
-        if isinstance(err, USER_ERRORS):  # our one-line messages: no traceback to wade through
-            log.error("%s: %s", type(err).__name__, err)
+        if isinstance(err, USER_ERRORS) and not debug:  # our one-line messages: no traceback to wade through
+            log.error("%s", err)
+            _remove_if_unused(fresh_dir)
             sys.exit(1)
         raise
 

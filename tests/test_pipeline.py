@@ -96,6 +96,7 @@ def test_unpruned_baseline_keeps_every_channel(compose_cfg, tmp_path):
         ("prune.percent=-0.2", "prune.percent"),
         ("prune.epoch=6", "trainer.max_epochs"),
         ("prune.epoch=-1", "prune.epoch"),
+        ("trainer.max_epochs=0", "trainer.max_epochs=0 trains nothing"),  # blames max_epochs, not prune.epoch
         ("model.arch=resnet9000", "choose one of"),
         ("data.name=mnist3d", "choose one of"),
         ("prune.target_flops=1.5", "target_flops"),

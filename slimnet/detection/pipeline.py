@@ -24,7 +24,9 @@ from slimnet.api import layer_widths
 from slimnet.callbacks import GammaMonitor, PhaseTimer, SlimmingCallback, SparsityCallback
 from slimnet.checkpoint_io import SafeCheckpointIO
 from slimnet.config import ConfigError
+from slimnet.console import progress_callbacks
 from slimnet.custom_data import build_custom_datamodule
+from slimnet.errors import first_line
 from slimnet.measure import count_flops
 from slimnet.pipeline import cut_policy
 from slimnet.report import write_json
@@ -66,7 +68,7 @@ def train_detection(cfg: DictConfig, run_dir: str | Path, extra_callbacks=()) ->
         task = DetectionTask(model_config, image_size=datamodule.image_size, lr=cfg.optim.lr,
                              momentum=cfg.optim.get("momentum", 0.9), weight_decay=cfg.optim.weight_decay)
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"model: {str(err).splitlines()[0]}") from None
+        raise ConfigError(f"model: {first_line(err)}") from None
     pruning = cfg.prune.epoch is not None and bool(cut_policy(cfg.prune))
     scope = task.prune_scope(cfg.prune.get("scope") or "backbone")
     target = task.get_submodule(scope.module)
@@ -87,7 +89,9 @@ def train_detection(cfg: DictConfig, run_dir: str | Path, extra_callbacks=()) ->
                                     fold_bias=p.fold_bias, evaluate=_val_map if p.eval_after_cut else None,
                                     **cut_policy(p))
         callbacks.append(slimming)
-    trainer_args = {**OmegaConf.to_container(cfg.trainer, resolve=True), "enable_progress_bar": cfg.callbacks.progress_bar}
+    progress, bar = progress_callbacks(cfg.callbacks.progress_bar)
+    callbacks += progress
+    trainer_args = {**OmegaConf.to_container(cfg.trainer, resolve=True), "enable_progress_bar": bar}
     loggers = []
     if cfg.logger.tensorboard:  # mAP, losses, λ and γ statistics, and the γ histograms of the cut part
         loggers = [TensorBoardLogger(save_dir=str(run_dir), name="tb", version="", default_hp_metric=False)]

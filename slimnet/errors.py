@@ -1,0 +1,29 @@
+"""User errors: mistakes whose message already says what to do, shown on the command line as one line.
+
+A user error is anything the user can fix without reading slimnet's code: a config key, missing or
+unreadable data, a model that cannot be traced, a checkpoint from somewhere else. Those raise a
+subclass of :class:`UserError` (or one of the built-in kinds in :data:`USER_ERROR_TYPES`); the command
+line prints ``error: <message>`` and exits with status 1, and shows the traceback only with
+``debug=true``. Anything else is a bug in slimnet and keeps its full traceback.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """An error the user can fix; its message names what to change."""
+
+
+class UnreadableFileError(UserError, ValueError):
+    """A file that is not what it should be (truncated, another format, another tool's pickle)."""
+
+
+# Built-in errors slimnet raises with a message that names the fix (a missing file, a NaN loss).
+USER_ERROR_TYPES: tuple[type[BaseException], ...] = (UserError, FileNotFoundError, FloatingPointError)
+
+
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (cut at ``limit`` characters), or its type's name when
+    it has none: what a one-line message quotes from a third-party error."""
+    text = str(err).strip()
+    return text.splitlines()[0][:limit] if text else type(err).__name__
