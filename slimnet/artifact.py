@@ -59,7 +59,7 @@ def save_pruned(model: nn.Module, path: str | os.PathLike, model_config: dict | 
 
 
 def load_pruned(path: str | os.PathLike, model: nn.Module | None = None, map_location="cpu") -> nn.Module:
-    """Rebuild a pruned model from an artifact written by ``save_pruned``.
+    """Rebuild a pruned model from an artifact written by ``save_pruned``, in eval mode.
 
     Args:
         path: the artifact.
@@ -72,7 +72,7 @@ def load_pruned(path: str | os.PathLike, model: nn.Module | None = None, map_loc
     plan = PrunePlan.from_json(data["plan"])
     if model is None:
         if not data["model_config"]:
-            raise UnreadableFileError(f"{path}: this artifact has no model config; "
+            raise ValueError(f"{path}: this artifact has no model config; "
                              "call load_pruned(path, model=<a freshly built unpruned model>)")
         from slimnet._locate import TargetImportError
         from slimnet.models.build import build_model  # the registry or the user's callable, no training code
@@ -85,4 +85,4 @@ def load_pruned(path: str | os.PathLike, model: nn.Module | None = None, map_loc
                                     "load_pruned(path, model=<a freshly built unpruned model>)") from None
     replay_plan(model, plan)
     model.load_state_dict(data["state_dict"])
-    return model
+    return model.eval()  # ready for inference, as load_checkpoint; call .train() to fine-tune it further

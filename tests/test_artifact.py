@@ -94,6 +94,7 @@ def test_registry_model_roundtrip_needs_no_model(key, tmp_path):
     loaded = load_pruned(path)  # rebuilt from the stored config alone
 
     assert type(loaded) is type(model)
+    assert not any(m.training for m in loaded.modules())  # ready for inference, BN on running statistics
     assert loaded.slimnet_plan.keep == model.slimnet_plan.keep
     assert [p.shape for p in loaded.parameters()] == [p.shape for p in model.parameters()]
     _same_function(loaded, model)
