@@ -6,5 +6,5 @@ another branch then merge into the new one instead of conflicting with a forward
 ``python -m slimnet.export`` runs ``__main__.py`` here.
 """
 
-from slimnet.deploy.export import *  # noqa: F403
+from slimnet.deploy.export import *
 from slimnet.deploy.export import main  # noqa: F401  (named, for readers and linters)
