@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from slimnet.latency import cpu_name
+from slimnet.deploy.latency import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = {

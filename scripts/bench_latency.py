@@ -37,7 +37,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import slimnet
-from slimnet.latency import BACKENDS, compare_latency, interleaved_latency
+from slimnet.deploy.latency import BACKENDS, compare_latency, interleaved_latency
 from slimnet.models import create_model
 from slimnet.models.build import build_model
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from slimnet.data import FashionMNISTDataModule, random_flip_crop
-from slimnet.latency import cpu_name
+from slimnet.deploy.latency import cpu_name
 from slimnet.module import SlimModule
 from slimnet.sparsity import add_l1_subgradient, bn_gammas
 

@@ -1,6 +1,6 @@
 """Latency as a user measures it: warm-up, many timed calls, median and spread, per batch size and backend.
 
-    from slimnet.latency import measure_latency, compare_latency, speedup_columns
+    from slimnet.deploy.latency import measure_latency, compare_latency, speedup_columns
     lat = measure_latency(model, torch.zeros(1, 1, 28, 28))                       # one model
     cmp = compare_latency(unpruned, pruned, torch.zeros(1, 1, 28, 28), flops=(f_before, f_after))
     speedup_columns(cmp)   # {"speedup_eager_b16": 2.31, "efficiency_eager_b16": 0.93, ...} for a CSV
@@ -22,8 +22,8 @@ How, and why:
 * Backends (``BACKENDS``): ``eager`` (plain PyTorch, NCHW), ``channels_last`` (eager on a copy of the
   model in NHWC memory format, the input converted in each call), ``compile`` (``torch.compile``,
   inductor, one static graph per batch size; needs a C++ compiler on CPU), ``onnxruntime`` (the model
-  exported by ``slimnet.export.export_onnx``; needs ``slimnet[export]``). A backend that cannot run here
-  is reported under ``unavailable`` with the reason, never silently replaced by another.
+  exported by ``slimnet.deploy.export.export_onnx``; needs ``slimnet[export]``). A backend that cannot
+  run here is reported under ``unavailable`` with the reason, never silently replaced by another.
 
 Only models taking one tensor are supported. Measuring ``compile`` resets torch.compile's caches
 (``torch._dynamo.reset()``), so other compiled models of the process recompile on their next call.
@@ -75,7 +75,7 @@ def _compile(model: nn.Module, example: torch.Tensor, threads: int, workdir: Pat
 
 
 def _onnxruntime(model: nn.Module, example: torch.Tensor, threads: int, workdir: Path):
-    from slimnet.export import export_onnx, onnx_session
+    from slimnet.deploy.export import export_onnx, onnx_session
 
     fd, path = tempfile.mkstemp(suffix=".onnx", dir=workdir)
     os.close(fd)
