@@ -97,20 +97,56 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return front
 
 
-def _label(row: dict) -> str:
-    if row.get("flops_reduction") == 0:
-        return "unpruned"
+def _policy(row: dict) -> str:
+    """What a job asked for, short: ``t=0.2``, ``F≤0.5``, ``p=0.63`` (empty for an unpruned reference)."""
     if row.get("thresh") is not None:
         return f"t={row['thresh']:g}"
     if row.get("target_flops") is not None:
         return f"F≤{row['target_flops']:g}"
     if row.get("percent") is not None:
         return f"p={row['percent']:g}"
-    return row["job"]
+    return ""
+
+
+def kind_of(row: dict) -> str:
+    """``unpruned`` (a reference trained without a cut), ``cut nothing`` (a policy that removed no
+    channel: a threshold below every |γ|, or percent 0) or ``pruned``."""
+    if row.get("flops_reduction") not in (0, 0.0, None):
+        return "pruned"
+    return "cut nothing" if _policy(row) and row.get("percent") != 0 else "unpruned"
+
+
+def coinciding(rows: list[dict], metric: str) -> list[list[dict]]:
+    """Jobs grouped by the point they land on (same FLOPs and the same metric to 0.01 pp): several
+    thresholds that make the same cut draw one marker, labelled with all of them."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["flops"], round(100 * r[metric], 2), kind_of(r)), []).append(r)
+    return sorted(groups.values(), key=lambda g: g[0]["flops"])
+
+
+def _group_label(group: list[dict]) -> str:
+    labels = [_policy(r) or "unpruned" for r in group]
+    if len(group) == 1:
+        return labels[0]
+    key = labels[0].split("=")[0] if all("=" in lb for lb in labels) else None
+    if key is not None and all(lb.startswith(key + "=") for lb in labels):  # t=0.05, 0.1, 0.2
+        values = ", ".join(lb.split("=", 1)[1] for lb in labels)
+        return f"{key}={values} ({len(group)} jobs)"
+    return ", ".join(labels) + f" ({len(group)} jobs)"
+
+
+_STYLE = {  # kind: marker, size, face colour, edge colour, legend label
+    "pruned": ("o", 40, "tab:blue", "tab:blue", "pruned runs"),
+    "cut nothing": ("o", 60, "none", "tab:orange", "threshold cut nothing"),
+    "unpruned": ("*", 160, "tab:red", "tab:red", "unpruned"),
+}
 
 
 def plot(rows: list[dict], path: str | Path, metric: str = "test_acc") -> None:
-    """Accuracy against FLOPs: every job labelled by its threshold, the unpruned reference, the Pareto front."""
+    """Accuracy against FLOPs: every job drawn as what it is (pruned, a threshold that cut nothing, an
+    unpruned reference), labelled by its policy; jobs that land on one point share one marker and one
+    label that says so; the Pareto front of the pruned runs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -118,35 +154,49 @@ def plot(rows: list[dict], path: str | Path, metric: str = "test_acc") -> None:
     import matplotlib.ticker
 
     ok = [r for r in rows if r["status"] == "ok" and r.get(metric) is not None]
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    notes = []
     if ok:
-        pruned = [r for r in ok if r["flops_reduction"] > 0]
-        unpruned = [r for r in ok if r["flops_reduction"] == 0]
-        ax.scatter([r["flops"] / 1e6 for r in pruned], [100 * r[metric] for r in pruned], color="tab:blue",
-                   zorder=3, label="pruned runs")
-        if unpruned:
-            ax.scatter([r["flops"] / 1e6 for r in unpruned], [100 * r[metric] for r in unpruned], marker="*",
-                       s=160, color="tab:red", zorder=4, label="unpruned")
-        else:  # no unpruned job: still show where the original model stands
+        groups = coinciding(ok, metric)
+        for kind, (marker, size, face, edge, label) in _STYLE.items():
+            mine = [g for g in groups if kind_of(g[0]) == kind]
+            if mine:
+                ax.scatter([g[0]["flops"] / 1e6 for g in mine], [100 * g[0][metric] for g in mine], marker=marker,
+                           s=size, facecolors=face, edgecolors=edge, linewidths=1.5, zorder=3 + (kind != "pruned"),
+                           label=label)
+        if not any(kind_of(r) == "unpruned" for r in ok):  # no unpruned job: still show where the model starts
             ax.axvline(ok[0]["flops_before"] / 1e6, color="tab:red", ls=":", label="unpruned FLOPs")
-        # Neighbouring points of a sweep sit close together: alternate labels above and below.
-        for i, r in enumerate(sorted(ok, key=lambda r: r["flops"])):
-            ax.annotate(_label(r), (r["flops"] / 1e6, 100 * r[metric]), textcoords="offset points",
-                        xytext=(5, 6 if i % 2 == 0 else -12), fontsize=8)
+        for i, g in enumerate(groups):  # neighbours sit close together: alternate labels above and below
+            ax.annotate(_group_label(g), (g[0]["flops"] / 1e6, 100 * g[0][metric]), textcoords="offset points",
+                        xytext=(6, 7 if i % 2 == 0 else -13), fontsize=8)
+        shared = sum(len(g) for g in groups if len(g) > 1)
+        if shared:
+            notes.append(f"{shared} jobs share {sum(len(g) > 1 for g in groups)} point(s)")
+        nothing = [r for r in ok if kind_of(r) == "cut nothing"]
+        if nothing:
+            notes.append(f"{len(nothing)} cut nothing: a lower threshold or prune.percent cuts")
         flops = [r["flops"] for r in ok]
         if max(flops) > 20 * min(flops):  # deep cuts span orders of magnitude: spread them out
             ax.set_xscale("log")
             ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.margins(x=0.08)
-        front = pareto_front([(r["flops"] / 1e6, 100 * r[metric]) for r in ok])
-        ax.step([f for f, _ in front], [a for _, a in front], where="post", color="tab:green", alpha=0.7,
-                label="Pareto front")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.margins(x=0.12, y=0.12)
+        pruned = [r for r in ok if kind_of(r) == "pruned"]
+        if len(pruned) > 1:
+            front = pareto_front([(r["flops"] / 1e6, 100 * r[metric]) for r in pruned])
+            ax.step([f for f, _ in front], [a for _, a in front], where="post", color="tab:green", alpha=0.7,
+                    label="Pareto front")
     failed = [r for r in rows if r["status"] != "ok"]
-    title = f"{metric.replace('_', ' ')} vs FLOPs ({len(ok)} runs" + (f", {len(failed)} failed)" if failed else ")")
-    ax.set(xlabel="FLOPs per image (M, 2×MACs)", ylabel=f"{metric.replace('_', ' ')} (%)", title=title)
+    name = metric.replace("_", " ")
+    title = f"{name} vs FLOPs ({len(ok)} runs" + (f", {len(failed)} failed)" if failed else ")")
+    ax.set(xlabel="FLOPs per image (M, 2×MACs)", ylabel=f"{name} (%)", title=title)
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
+    if ok:
+        ax.legend(loc="lower right", fontsize=8)
+    if notes:
+        fig.text(0.01, 0.01, "; ".join(notes), fontsize=8, color="0.3")
+    fig.tight_layout(rect=(0, 0.04 if notes else 0, 1, 1))
     fig.savefig(path)
     plt.close(fig)
 
@@ -176,6 +226,11 @@ def report(sweep_dir: str | Path, baseline: str | Path | None = None) -> tuple[P
     plot(rows, png_path, metric="test_map" if detection else "test_acc")
     log.info("sweep report: %s, %s (%d jobs, %d ok)", csv_path, png_path, len(rows),
              sum(r["status"] == "ok" for r in rows))
+    nothing = [r for r in rows if r["status"] == "ok" and kind_of(r) == "cut nothing"]
+    if nothing:
+        log.warning("%d job(s) cut nothing (%s): their threshold is below every |γ| this sparse phase left; see "
+                    "each job's log for the |γ| quantiles, or use prune.percent / prune.target_flops",
+                    len(nothing), ", ".join(_policy(r) for r in nothing))
     return csv_path, png_path
 
 

@@ -336,12 +336,14 @@ def test_cifar_download_fails_offline(tmp_path, monkeypatch):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(tv_cifar, "download_and_extract_archive", offline)
-    dm = CIFARDataModule(root=str(tmp_path / "c"), num_classes=100, download=True)
-    dm.check()  # download allowed: nothing to complain about yet
-    with pytest.raises(RuntimeError) as exc:
-        dm.prepare_data()
-    msg = str(exc.value)
-    assert "CIFAR-100" in msg and str(tmp_path / "c") in msg and "name resolution" in msg and "\n" not in msg
+    dm = CIFARDataModule(root=str(tmp_path / "data" / "c"), num_classes=100, download=True)
+    for call in (dm.check, dm.prepare_data):  # check() tries the download now, before any training
+        with pytest.raises(RuntimeError) as exc:
+            call()
+        msg = str(exc.value)
+        assert "CIFAR-100" in msg and str(tmp_path / "data" / "c") in msg and "name resolution" in msg
+        assert "\n" not in msg
+    assert not (tmp_path / "data").exists()  # the folders the failed download made are gone again
 
 
 def test_cifar_corrupt_files_rejected(tmp_path):

@@ -133,3 +133,21 @@ def test_budget_mode_through_the_pipeline(compose_cfg, tmp_path):
 
 def test_pareto_front():
     assert pareto_front([(3, 0.9), (1, 0.8), (2, 0.7), (4, 0.95)]) == [(1, 0.8), (3, 0.9), (4, 0.95)]
+
+
+def test_curve_draws_each_job_as_what_it_is_and_merges_coinciding_points(tmp_path):
+    from slimnet.sweep import _group_label, coinciding, kind_of, plot
+
+    def row(job, thresh, flops, acc, percent=None):
+        return {"job": job, "status": "ok", "thresh": thresh, "percent": percent, "target_flops": None,
+                "flops": flops, "flops_before": 100e6, "flops_reduction": 1 - flops / 100e6, "test_acc": acc}
+
+    # a short run: three thresholds below every |γ| cut nothing and land on one point
+    rows = [row("0", 0.05, 100e6, 0.91), row("1", 0.1, 100e6, 0.91), row("2", 0.2, 100e6, 0.91),
+            row("3", 0.5, 40e6, 0.90), row("4", None, 100e6, 0.92, percent=0)]
+    assert [kind_of(r) for r in rows] == ["cut nothing"] * 3 + ["pruned", "unpruned"]
+    groups = coinciding(rows, "test_acc")
+    labels = sorted(_group_label(g) for g in groups)
+    assert labels == ["p=0", "t=0.05, 0.1, 0.2 (3 jobs)", "t=0.5"]
+    plot(rows, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").stat().st_size > 10_000

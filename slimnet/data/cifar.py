@@ -10,9 +10,14 @@ import torch
 from slimnet.data._util import _one_line
 from slimnet.data.base import _BaseDataModule
 from slimnet.data.dataset import TensorImageDataset
+from slimnet.errors import UserError
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+
+
+class DataNotFoundError(UserError, RuntimeError):
+    """A data set that is not where the config says and cannot be downloaded; the message says where to put it."""
 
 
 class CIFARDataModule(_BaseDataModule):
@@ -46,22 +51,32 @@ class CIFARDataModule(_BaseDataModule):
 
         return CIFAR10 if self.num_classes == 10 else CIFAR100
 
-    def _not_found(self, reason: str) -> RuntimeError:
+    def _not_found(self, reason: str) -> DataNotFoundError:
         cls = self._dataset_cls
-        return RuntimeError(
+        return DataNotFoundError(
             f"CIFAR-{self.num_classes} not found in {os.path.abspath(self.root)} ({reason}): download "
             f"{cls.url} and extract it there (giving {cls.base_folder}/), or set data.root to a folder "
             f"that has it"
         )
 
     def check(self) -> None:
-        """Files present (by name; torchvision checks md5 on load), or a download is allowed."""
+        """Files present (by name; torchvision checks md5 on load), or downloaded now: an offline machine
+        learns it before training, and no empty data folder is left behind."""
         cls = self._dataset_cls
         folder = Path(self.root) / cls.base_folder
         names = [n for n, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
         missing = [n for n in names if not (folder / n).is_file()]
         if missing and not self.download:
             raise self._not_found(f"missing {cls.base_folder}/{missing[0]} and download=False")
+        if missing:
+            created = [p for p in (Path(self.root), *Path(self.root).parents) if not p.exists()]
+            try:
+                self._open(train=True, download=True)
+            except DataNotFoundError:
+                for path in created:  # innermost first: only the folders this attempt made, if still empty
+                    if path.is_dir() and not any(path.iterdir()):
+                        path.rmdir()
+                raise
 
     def _open(self, train: bool, download: bool):
         try:
