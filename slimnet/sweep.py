@@ -178,6 +178,7 @@ def plot(rows: list[dict], path: str | Path, metric: str = "test_acc") -> None:
         flops = [r["flops"] for r in ok]
         if max(flops) > 20 * min(flops):  # deep cuts span orders of magnitude: spread them out
             ax.set_xscale("log")
+            ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
             ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.margins(x=0.12, y=0.12)
