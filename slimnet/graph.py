@@ -278,6 +278,7 @@ COMPUTE_OPS = {"matmul", "mm", "bmm", "addmm", "baddbmm", "einsum", "linear", "c
                "__matmul__", "addbmm", "addmv", "mv", "tensordot", "bilinear", "convolution"}
 _SPLIT_FUNCTIONS = {torch.chunk, torch.split, torch.tensor_split}
 _SPLIT_METHODS = {"chunk", "split", "tensor_split"}
+_ATEN_SLICE = torch.ops.aten.slice.Tensor  # export's x[:, a:b]: (x, dim, start, end, step)
 # Reading a tensor's metadata does not depend on which channels it holds.
 _METADATA_METHODS = {"size", "dim", "numel"}
 
@@ -620,6 +621,14 @@ class _Analysis:
             return None  # x.size(), x.shape: metadata, not channel content
         if fn is operator.getitem and x is None:
             return self.getitem(node)
+        if fn is operator.getitem:
+            return self.index(node, x)
+        if fn is _ATEN_SLICE and x is not None:  # x[:, a:b] in a graph captured by torch.export
+            given = list(node.args[1:])
+            dim, start, stop, step = given + [0, None, None, 1][len(given):]
+            ndim = len(self.shape(node.args[0]) or ())
+            return self.slice_channels(node, x, start, stop, step) if ndim >= 2 and dim % ndim == 1 else (
+                self.index_rest(node, x))
         if (fn in _CHANNELWISE_METHODS) if is_method else (fn in _CHANNELWISE_FUNCTIONS):
             if x is None:
                 return self.fresh_output(node, None) if self.shape(node) is not None else None
@@ -658,6 +667,77 @@ class _Analysis:
         if kind is not None and out:  # an item of an unknown op's tuple (chunk, split): that op's doing
             self.unknowns[kind][1].extend(seg.space for seg in out)
         return out
+
+    def index(self, node, x: Layout):
+        """``x[...]`` of a channel tensor: slices only. One that keeps dim 1 whole passes the layout on (a
+        crop, ``x[:, :, 1:]``); a slice of dim 1 is :meth:`slice_channels`. Ints, ``None``, masks: unknown."""
+        shape_in = self.shape(node.args[0])
+        idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        if shape_in is None or len(shape_in) < 2 or sum(e is Ellipsis for e in idx) > 1 or not all(
+                isinstance(e, slice) or e is Ellipsis for e in idx):
+            return self.unknown(node, f"indexing '{node.name}'", "indexing (other than slices)")
+        if Ellipsis in idx:
+            at = idx.index(Ellipsis)
+            idx = idx[:at] + (slice(None),) * (len(shape_in) - len(idx) + 1) + idx[at + 1:]
+        channels = idx[1] if len(idx) > 1 else slice(None)
+        return self.slice_channels(node, x, channels.start, channels.stop, channels.step)
+
+    def index_rest(self, node, x: Layout):
+        """A slice along a dim other than channels: the layout goes on when the channel count does."""
+        shape_in, shape_out = self.shape(node.args[0]), self.shape(node)
+        if shape_in is None or shape_out is None or len(shape_out) < 2 or shape_out[1] != shape_in[1]:
+            return self.unknown(node, f"slice '{node.name}'", "slice")
+        return x
+
+    def slice_channels(self, node, x: Layout, start, stop, step):
+        """``x[:, start:stop]``: the channels in between, each run its own space from then on (as in
+        ``split``); what lies outside is computed and dropped (ghostnet keeps the first ``out_chs`` of a
+        cat). A bound at or past an end follows a cut by itself (slices clamp); a bound inside must be
+        rewritten by the cut: an int attribute of the module running the slice that equals it (dpn's
+        ``x[:, :self.num_1x1_c]``) becomes the kept count of the channels before it. Bounds written as
+        numbers in the code, negative or computed at run time, and steps: left whole, with a warning."""
+        shape_in = self.shape(node.args[0])
+        if any(isinstance(v, fx.Node) for v in (start, stop, step)) or step not in (None, 1):
+            return self.unknown(node, f"channel slice '{node.name}' with a computed bound or a step",
+                                "channel slice with a computed bound or a step")
+        if shape_in is None or len(shape_in) < 2:
+            return self.unknown(node, f"slice '{node.name}'", "slice")
+        width = int(shape_in[1])
+        begin, end = start or 0, width if stop is None else min(stop, width)
+        if begin < 0 or end < 0:
+            return self.unknown(node, f"channel slice '{node.name}' counted from the end",
+                                "channel slice counted from the end")
+        if begin == 0 and end == width:  # the whole axis, before and after any cut
+            if stop is not None and stop == width and (attr := self.bound_attribute(node, stop)) is not None:
+                self.size_attrs.append((*attr, [x]))  # keep the attribute describing the width
+            return x
+        bounds = [(v, raw) for v, raw in ((begin, start), (end, stop)) if 0 < v < width]
+        attrs = [self.bound_attribute(node, raw) for _, raw in bounds]
+        if None in attrs:
+            return self.unknown(node, f"channel slice '{node.name}' with a bound fixed in the model's code",
+                                "channel slice with a bound fixed in the model's code (keep it in an int "
+                                "attribute of the module)")
+        sizes = [s for s in (begin, end - begin, width - end) if s]
+        pieces = self.cut_at(x, sizes)
+        if pieces is None:
+            return self.unknown(node, f"channel slice '{node.name}' across flattened or constrained channels",
+                                "channel slice across flattened or constrained channels")
+        ends = list(itertools.accumulate(sizes))
+        for (v, _), attr in zip(bounds, attrs):  # the bound becomes the kept count of what lies before it
+            self.size_attrs.append((*attr, [tuple(seg for piece in pieces[:ends.index(v) + 1] for seg in piece)]))
+        return pieces[1] if begin else pieces[0]
+
+    def bound_attribute(self, node, value) -> tuple[str, str, str] | None:
+        """``(module, attribute, "int")``: the one int attribute equal to a slice bound of the module that
+        runs the slice. The same attribute may bound several slices (dpn slices two tensors at
+        ``self.num_1x1_c``); :meth:`result` checks they then all hold the same channels before it."""
+        stack = node.meta.get("nn_module_stack")
+        path = list(stack.values())[-1][0] if stack else ""
+        module = self.modules.get(path)
+        if module is None or type(value) is not int:
+            return None
+        matches = [k for k, v in vars(module).items() if not k.startswith("_") and type(v) is int and v == value]
+        return (path, matches[0], "int") if len(matches) == 1 else None
 
     def split(self, node, x: Layout | None):
         """``chunk`` / ``split`` / ``tensor_split``: along channels, each part becomes its own channel space.
@@ -856,7 +936,21 @@ class _Analysis:
         return x
 
     # -- results ------------------------------------------------------------------------------------
+    def check_shared_bounds(self) -> None:
+        """One attribute bounding several slices (or parts) must come out of the cut with one value: every
+        record of it must count the same groups, else all of them are left whole."""
+        by_attr: dict[tuple[str, str], list[list[Layout]]] = {}
+        for module, attr, _, pieces in self.size_attrs:
+            by_attr.setdefault((module, attr), []).append(pieces)
+        for (module, attr), records in by_attr.items():
+            counted = {tuple(tuple(sorted(seg.space.root().id for seg in _expand(piece))) for piece in pieces)
+                       for pieces in records}
+            if len(counted) > 1:
+                self.freeze([piece for pieces in records for piece in pieces],
+                             f"'{module}'.{attr} bounds slices of different channels")
+
     def result(self) -> ChannelGraph:
+        self.check_shared_bounds()
         live = [space for space in self.spaces if space.parts is None]  # a split space lives on in its parts
         roots: dict[int, ChannelGroup] = {}
         for space in live:
