@@ -108,6 +108,17 @@ class Segment:
 Layout = tuple  # tuple[Segment, ...]: the spaces one tensor's channel axis is made of, in order
 
 
+@dataclass(frozen=True)
+class Stacked:
+    """The layout of a tensor whose channels moved off dim 1: ``torch.stack(paths, 1)`` makes
+    ``(N, P, C, H, W)`` with channels at ``dim`` 2 (skresnet's selective kernel). Only ops that know
+    where the channels went (element-wise, softmax or reductions over other dims, stack) read it; any
+    other op on it is unknown and leaves its channels whole."""
+
+    layout: Layout
+    dim: int
+
+
 def _expand(layout: Layout) -> Layout:
     """``layout`` with every space a chunk/split has cut replaced by its parts (same features, in order)."""
     if not any(seg.space.parts for seg in layout):
@@ -278,6 +289,9 @@ COMPUTE_OPS = {"matmul", "mm", "bmm", "addmm", "baddbmm", "einsum", "linear", "c
                "__matmul__", "addbmm", "addmv", "mv", "tensordot", "bilinear", "convolution"}
 _SPLIT_FUNCTIONS = {torch.chunk, torch.split, torch.tensor_split}
 _SPLIT_METHODS = {"chunk", "split", "tensor_split"}
+_STACK_FUNCTIONS = {torch.stack}
+_SOFTMAX_FUNCTIONS = {torch.softmax, F.softmax, torch.log_softmax, F.log_softmax}
+_SOFTMAX_METHODS = {"softmax", "log_softmax"}
 _ATEN_SLICE = torch.ops.aten.slice.Tensor  # export's x[:, a:b]: (x, dim, start, end, step)
 # Reading a tensor's metadata does not depend on which channels it holds.
 _METADATA_METHODS = {"size", "dim", "numel"}
@@ -424,6 +438,8 @@ class _Analysis:
         return (Segment(space),)
 
     def freeze(self, layout, reason: str) -> None:
+        if isinstance(layout, Stacked):
+            layout = layout.layout
         if isinstance(layout, tuple) and layout and isinstance(layout[0], Segment):
             for seg in _expand(layout):
                 seg.space.root().frozen_by.append(reason)
@@ -506,6 +522,10 @@ class _Analysis:
                 return _expand(lay)
         return None
 
+    def stacked_layout(self, arg) -> Stacked | None:
+        lay = self.layout.get(arg) if isinstance(arg, fx.Node) else None
+        return Stacked(_expand(lay.layout), lay.dim) if isinstance(lay, Stacked) else None
+
     def fresh_output(self, node, reason: str):
         shape = self.shape(node)
         if shape is not None and len(shape) >= 2:
@@ -515,7 +535,8 @@ class _Analysis:
     def unknown(self, node, what: str, kind: str | None = None):
         """An op we do not model: leave every group it touches whole, and say so (once per ``kind``)."""
         reason = f"unknown op {what} at node '{node.name}'"
-        touched = [self.tensor_layout(a) for a in node.all_input_nodes]
+        touched = [self.tensor_layout(a) or getattr(self.stacked_layout(a), "layout", None)
+                   for a in node.all_input_nodes]
         touched = [t for t in touched if t is not None]
         out = self.fresh_output(node, reason)
         if touched:
@@ -563,6 +584,8 @@ class _Analysis:
     def call_module(self, node):
         name, m = node.target, self.modules[node.target]
         self.calls[name] += 1
+        if any(self.stacked_layout(a) for a in node.all_input_nodes):
+            return self.unknown(node, f"{type(m).__name__} ('{name}') on stacked channels", "module on stacked channels")
         x = self.tensor_layout(node.args[0]) if node.args else None
         if x is None:
             what = f"{type(m).__name__} on an input without channels"
@@ -619,6 +642,18 @@ class _Analysis:
         x = self.tensor_layout(node.args[0]) if node.args else None
         if (is_method and fn in _METADATA_METHODS) or fn is getattr:
             return None  # x.size(), x.shape: metadata, not channel content
+        if not is_method and fn in _STACK_FUNCTIONS:
+            return self.stack(node)
+        if (fn in _SOFTMAX_METHODS) if is_method else (fn in _SOFTMAX_FUNCTIONS):
+            return self.softmax(node)
+        if any(self.stacked_layout(a) for a in node.all_input_nodes):
+            if (fn in _BINARY_METHODS) if is_method else (fn in _BINARY_FUNCTIONS):
+                return self.binary_stacked(node)
+            if (fn in _REDUCE_METHODS) if is_method else (fn in _REDUCE_FUNCTIONS):
+                return self.reduce_stacked(node)
+            name = fn if is_method else getattr(fn, "__name__", str(fn))
+            what = f"'{name}' of channels moved off dim 1 by a stack or view (e.g. a channel shuffle)"
+            return self.unknown(node, what, what)
         if fn is operator.getitem and x is None:
             return self.getitem(node)
         if fn is operator.getitem:
@@ -901,10 +936,14 @@ class _Analysis:
         return out
 
     def reshape(self, node, x: Layout, hard_coded: bool):
-        """Reshapes that keep dim 0 and either keep dim 1 (squeeze) or flatten everything into it."""
+        """Reshapes that keep dim 0 and either keep dim 1 (squeeze) or flatten everything into it, or
+        unstack: ``(N, P*C, ...) -> (N, P, C, ...)`` with ``C`` computed, see :meth:`unstack`."""
         shape_in, shape_out = self.shape(node.args[0]), self.shape(node)
         if shape_in is None or shape_out is None or len(shape_in) < 2 or len(shape_out) < 2:
             return self.unknown(node, f"reshape '{node.name}'", "reshape")
+        if (len(shape_out) == len(shape_in) + 1 and shape_out[0] == shape_in[0] and shape_out[3:] == shape_in[2:]
+                and shape_out[1] * shape_out[2] == shape_in[1] and shape_out[1] > 1):
+            return self.unstack(node, x, int(shape_out[1]))
         if hard_coded and not self._dim1_is_dynamic(node):
             return self.unknown(node, f"reshape '{node.name}' with a hard-coded channel count",
                                 "reshape with a hard-coded channel count (e.g. a channel shuffle)")
@@ -924,6 +963,91 @@ class _Analysis:
         if len(shape_args) < 2:
             return False
         return shape_args[1] == -1 or isinstance(shape_args[1], fx.Node)
+
+    # -- stacked channels (skresnet's selective kernel) ------------------------------------------------
+    def stack(self, node):
+        """``torch.stack(tensors, dim)``: every tensor keeps the same channels (merged); stacking at dim 0 or
+        1 moves them to dim 2, further in leaves them at dim 1."""
+        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        layouts = [self.tensor_layout(t) for t in tensors]
+        ndim = len(self.shape(node) or ())
+        if any(lay is None for lay in layouts) or ndim < 3:
+            return self.unknown(node, "stack of tensors without channel layouts", "stack")
+        out = layouts[0]
+        for lay in layouts[1:]:
+            out = self.union(out, lay, f"stack '{node.name}' of different channel layouts")
+        return Stacked(out, 2) if dim % ndim in (0, 1) else out
+
+    def unstack(self, node, x: Layout, paths: int):
+        """``view(N, P, C // P, ...)`` of a conv's ``P*C`` outputs (skresnet's attention, one block of
+        filters per path): the ``P`` blocks become one space (kept alike) with channels at dim 2. The
+        per-path width must be computed in the forward (an fx node or -1), so it follows a cut."""
+        shape_args = node.args[1:] if node.op == "call_method" else node.args[1:2]
+        if len(shape_args) == 1 and isinstance(shape_args[0], (tuple, list)):
+            shape_args = shape_args[0]
+        if len(shape_args) < 3 or not (shape_args[2] == -1 or isinstance(shape_args[2], fx.Node)):
+            return self.unknown(node, f"reshape '{node.name}' with a hard-coded channel count",
+                                "reshape with a hard-coded channel count (e.g. a channel shuffle)")
+        width = _layout_size(x) // paths
+        pieces = self.cut_at(x, [width] * paths)
+        if pieces is None:
+            return self.unknown(node, f"reshape '{node.name}' across flattened or constrained channels",
+                                "reshape across flattened or constrained channels")
+        out = pieces[0]
+        for piece in pieces[1:]:
+            out = self.union(out, piece, f"blocks of '{node.name}' with different channel layouts")
+        return Stacked(out, 2)
+
+    def softmax(self, node):
+        """Softmax over any dim but the channels' keeps channel ``c`` at ``c``."""
+        arg = node.args[0]
+        lay = self.tensor_layout(arg) or self.stacked_layout(arg)
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        ndim = len(self.shape(arg) or ())
+        channel_dim = lay.dim if isinstance(lay, Stacked) else 1
+        if lay is None or dim is None or ndim < 2 or dim % ndim == channel_dim:
+            return self.unknown(node, f"softmax '{node.name}' over channels", "softmax over channels")
+        return lay
+
+    def binary_stacked(self, node):
+        """Element-wise ops between stacked tensors (or with factors repeated along their channel dim)."""
+        out_shape = self.shape(node)
+        stacked = []
+        for arg in node.args[:2]:
+            if not isinstance(arg, fx.Node) or self.shape(arg) is None:
+                continue  # a Python number
+            lay = self.stacked_layout(arg)
+            if lay is None and out_shape is not None:
+                shape, index = self.shape(arg), None
+                index = None if shape is None else len(shape) - (len(out_shape) - 2)
+                if index is not None and (index < 0 or shape[index] == 1) and out_shape[2] != 1:
+                    continue  # repeated along the channel dim
+            if lay is None or lay.dim != 2 or out_shape is None or len(out_shape) != len(self.shape(arg)):
+                return self.unknown(node, f"'{node.name}' mixing stacked and other channels",
+                                    "element-wise op mixing stacked and other channels")
+            stacked.append(lay.layout)
+        if not stacked:
+            return self.unknown(node, f"'{node.name}' on stacked channels", "element-wise op on stacked channels")
+        out = stacked[0]
+        for lay in stacked[1:]:
+            out = self.union(out, lay, f"operands of '{node.name}' with different channel layouts")
+        return Stacked(out, 2)
+
+    def reduce_stacked(self, node):
+        """``sum``/``mean`` over dims other than the channels': back to channels at dim 1 once the dims
+        before them are reduced away (``torch.sum(x, dim=1)`` after the selective kernel's weighting)."""
+        lay = self.stacked_layout(node.args[0])
+        shape_in = self.shape(node.args[0])
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        if dims is None or shape_in is None or lay is None:
+            return self.unknown(node, f"reduction '{node.name}' over stacked channels", "reduction over stacked channels")
+        dims = {d % len(shape_in) for d in ([dims] if isinstance(dims, int) else dims)}
+        if lay.dim in dims or 0 in dims:
+            return self.unknown(node, f"reduction '{node.name}' over channels", "reduction over channels")
+        channel_dim = lay.dim if keepdim else lay.dim - sum(d < lay.dim for d in dims)
+        return lay.layout if channel_dim == 1 else Stacked(lay.layout, channel_dim)
 
     def reduce(self, node, x: Layout):
         shape_in, shape_out = self.shape(node.args[0]), self.shape(node)
