@@ -4,7 +4,7 @@ Symbolic tracing fails on forwards that branch on shapes (``if h % 32``) or unpa
 ``list(x.chunk(2, 1))`` in ultralytics' C2f). ``torch.export`` runs the forward on fake tensors with
 concrete shapes, so it specialises those branches and unpacks freely; what it returns is an ATen-level
 graph whose parameters are lifted to inputs. :func:`export_graph` turns that back into the graph
-``graph._Analysis`` reads: every ``aten.conv*`` / ``aten.linear`` / ``aten.batch_norm`` whose weight is a
+``graph.analysis`` reads: every ``aten.conv*`` / ``aten.linear`` / ``aten.batch_norm`` whose weight is a
 parameter of one of the model's own conv, linear or norm modules becomes a ``call_module`` of that module
 (so the cut edits the user's module objects), the ATen ops we model become the torch functions they
 implement, and anything else stays an ATen op, which the analysis does not know and so leaves whole.

@@ -12,13 +12,12 @@ import warnings
 
 import pytest
 import torch
+from test_reach import X, _cb, _kill_weak
 from torch import nn
 
 import slimnet
 import slimnet.surgery
 from slimnet.graph import trace_channel_groups
-
-from test_reach import X, _cb, _kill_weak
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # see conftest.py
 
