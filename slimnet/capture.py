@@ -4,7 +4,7 @@ Symbolic tracing fails on forwards that branch on shapes (``if h % 32``) or unpa
 ``list(x.chunk(2, 1))`` in ultralytics' C2f). ``torch.export`` runs the forward on fake tensors with
 concrete shapes, so it specialises those branches and unpacks freely; what it returns is an ATen-level
 graph whose parameters are lifted to inputs. :func:`export_graph` turns that back into the graph
-``graph._Analysis`` reads: every ``aten.conv*`` / ``aten.linear`` / ``aten.batch_norm`` whose weight is a
+``graph.analysis`` reads: every ``aten.conv*`` / ``aten.linear`` / ``aten.batch_norm`` whose weight is a
 parameter of one of the model's own conv, linear or norm modules becomes a ``call_module`` of that module
 (so the cut edits the user's module objects), the ATen ops we model become the torch functions they
 implement, and anything else stays an ATen op, which the analysis does not know and so leaves whole.
@@ -19,6 +19,7 @@ import operator
 
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 from torch import fx, nn
 from torch.nn.modules.conv import _ConvNd
 
@@ -65,8 +66,6 @@ def export_graph(model: nn.Module, example_inputs: tuple, norm_types: tuple[type
     program = torch.export.export(model, tuple(example_inputs), strict=False)
     signature = program.graph_signature
     lifted = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}  # placeholder -> qualified name
-    user_outputs = {spec.arg.name for spec in signature.output_specs
-                    if spec.kind == torch.export.graph_signature.OutputKind.USER_OUTPUT}
     modules = dict(model.named_modules())
 
     def owner(node, types):
@@ -87,9 +86,16 @@ def export_graph(model: nn.Module, example_inputs: tuple, norm_types: tuple[type
                 new = graph.get_attr(lifted[node.name])
             else:
                 new = graph.placeholder(node.name)
-        elif node.op == "output":
-            outs = [mapped(a) for a in node.args[0] if isinstance(a, fx.Node) and a.name in user_outputs]
-            graph.output(tuple(outs))
+        elif node.op == "output":  # the user's outputs, each with its key path in the returned structure
+            user = [a for a, spec in zip(node.args[0], signature.output_specs)
+                    if spec.kind == torch.export.graph_signature.OutputKind.USER_OUTPUT]
+            out_spec = program.call_spec.out_spec
+            paths = [p for p, _ in pytree.tree_flatten_with_path(
+                pytree.tree_unflatten(list(range(len(user))), out_spec))[0]] if out_spec is not None else None
+            keep = [i for i, a in enumerate(user) if isinstance(a, fx.Node)]
+            out = graph.output(tuple(mapped(user[i]) for i in keep))
+            if paths is not None and len(paths) == len(user):
+                out.meta["output_paths"] = [paths[i] for i in keep]
             continue
         elif node.op == "call_function":
             packet = getattr(node.target, "overloadpacket", None)

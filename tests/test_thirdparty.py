@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import slimnet
-from slimnet.graph import NORM_TYPES
+from slimnet.graph import NORM_TYPES, trace_channel_groups
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # see conftest.py
 
@@ -34,7 +34,7 @@ def _leaves(out) -> list[torch.Tensor]:
     return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
-def test_yolov8n_c2f_and_sppf_are_cut_exactly_and_returned_features_kept():
+def test_yolov8n_c2f_sppf_and_detect_inputs_are_cut_exactly_and_predictions_kept():
     pytest.importorskip("ultralytics", reason="ultralytics is a test-only extra: pip install slimnet[thirdparty]")
     from ultralytics.nn.tasks import DetectionModel
 
@@ -43,28 +43,57 @@ def test_yolov8n_c2f_and_sppf_are_cut_exactly_and_returned_features_kept():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         r = slimnet.reach(model, x)
-    assert r.flops >= 0.5 and r.bn_channels >= 0.5  # the target: C2f is no longer left whole
+    # every BN channel: the neck outputs the model also returns ("feats") are read by the loss for their
+    # H, W only (slimnet.graph.SHAPE_ONLY_OUTPUTS), so they no longer keep the Detect head's inputs whole
+    assert r.flops == 1.0 and r.bn_channels == 1.0 and not r.frozen
     _kill_weak(model)
     with torch.no_grad():
-        ref = _leaves(model(x))
+        y_ref, preds_ref = model(x)
     c2f, sppf, detect = model.model[2], model.model[9], model.model[22]
     widths = (c2f.cv1.conv.out_channels, sppf.cv2.conv.in_channels, detect.cv2[0][0].conv.in_channels)
+    outputs = [(seq[-1].out_channels, seq[-1].weight.clone()) for seq in [*detect.cv2, *detect.cv3]]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         report = slimnet.prune(model, x, thresh=0.1, fold_bias=False)
     assert c2f.cv1.conv.out_channels < widths[0] and c2f.cv1.conv.out_channels % 2 == 0  # chunk(2) halves agree
     assert c2f.m[0].cv1.conv.in_channels == c2f.cv1.conv.out_channels // 2
     assert sppf.cv2.conv.in_channels < widths[1]  # SPPF's cat of four pooled copies
-    # The model also returns the neck outputs the head reads ("feats"): a model output keeps its channels,
-    # so the Detect head's inputs stay whole, and the warning says so.
-    assert detect.cv2[0][0].conv.in_channels == widths[2]
-    assert any("model.15.cv2.conv kept whole: model output" in str(w.message) for w in caught)
+    assert detect.cv2[0][0].conv.in_channels < widths[2]  # the head's inputs are cut ...
+    assert detect.cv3[0][0].conv.in_channels == detect.cv2[0][0].conv.in_channels
+    for seq, (out_channels, _) in zip([*detect.cv2, *detect.cv3], outputs):  # ... never its predictions
+        assert seq[-1].out_channels == out_channels
+    assert not any("kept whole: model output" in str(w.message) for w in caught)
     assert report["flops_after"] < 0.8 * report["flops_before"]
     with torch.no_grad():
-        out = _leaves(model(x))
-    assert len(out) == len(ref)
-    for a, b in zip(out, ref):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        y, preds = model(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    for key in ("boxes", "scores"):
+        torch.testing.assert_close(preds[key], preds_ref[key], rtol=1e-4, atol=1e-4)
+    for feat, ref in zip(preds["feats"], preds_ref["feats"]):  # narrower, same grid: all the loss reads
+        assert feat.shape[2:] == ref.shape[2:] and feat.shape[1] < ref.shape[1]
+
+
+def test_shape_only_output_keys_are_per_model_class_and_an_output_elsewhere_stays_whole(monkeypatch):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.head = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            f = self.bn(self.conv(x))
+            return {"pred": self.head(f), "feats": [f]}
+
+    class Twice(Net):
+        def forward(self, x):
+            out = super().forward(x)
+            return {**out, "raw": out["feats"][0]}  # the same tensor also under a key read channel by channel
+
+    monkeypatch.setitem(slimnet.graph.SHAPE_ONLY_OUTPUTS, f"{Net.__module__}.{Net.__qualname__}", ("feats",))
+    x = torch.randn(1, 3, 8, 8)
+    assert trace_channel_groups(Net(), x).group_of("conv").prunable  # subclasses match along the MRO too
+    assert not trace_channel_groups(Twice(), x).group_of("conv").prunable
+    monkeypatch.delitem(slimnet.graph.SHAPE_ONLY_OUTPUTS, f"{Net.__module__}.{Net.__qualname__}")
+    assert not trace_channel_groups(Net(), x).group_of("conv").prunable
 
 
 def test_smp_fpn_with_a_shape_check_is_captured_and_cut_exactly():

@@ -38,9 +38,9 @@ ZOO = [
 SIZE = {"inception_v3": 75}  # its stem needs 75x75 at least; 64x64 for the others
 # Models whose channels are only partly understood, on purpose: name -> (why, words its warnings use)
 PARTIAL = {
-    "shufflenet_v2_x1_0": (("the trunk goes through chunk + channel shuffle (view/transpose/view with the "
-                            "channel count written in the code); a cut would change that count, so the groups "
-                            "the shuffle touches are left whole and named"), ("kept whole", "hard-coded channel count")),
+    "shufflenet_v2_x1_0": (("the trunk goes through chunk + channel shuffle (view into (N, G, C/G, H, W), "
+                            "transpose, view back): the transpose interleaves the channels, so the groups the "
+                            "shuffle touches are left whole and named"), ("kept whole", "channel shuffle")),
 }
 NO_BATCHNORM = {"convnext_tiny": {}, "vit_b_16": {"image_size": 32}, "squeezenet1_0": {}}
 
