@@ -25,8 +25,8 @@ from slimnet.api import layer_widths
 from slimnet.artifact import save_pruned
 from slimnet.callbacks import GammaMonitor, PhaseTimer, SlimmingCallback, SparsityCallback
 from slimnet.checkpoint_io import SafeCheckpointIO
-from slimnet.console import progress_callbacks
 from slimnet.config import ConfigError, pruning_enabled, validate
+from slimnet.console import progress_callbacks
 from slimnet.custom_data import DataError, DataFacts, build_custom_datamodule, describe
 from slimnet.data import build_datamodule
 from slimnet.errors import USER_ERROR_TYPES, first_line
@@ -157,7 +157,7 @@ def build_module(cfg: DictConfig, facts: DataFacts) -> SlimModule:
 
 
 # Errors whose message already says what to do: the command line prints them as one line.
-USER_ERRORS = (*USER_ERROR_TYPES, TraceError)  # TraceError: graph.py keeps free of the CLI's error kinds
+USER_ERRORS = USER_ERROR_TYPES
 
 
 def record_failure(run_dir: str | Path, err: BaseException) -> None:

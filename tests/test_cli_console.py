@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
+from conftest import TINY
 
 from slimnet.interrupt import ResumeHint
 from slimnet.pipeline import train
-from conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["experiment=smoke", "logger=none", "latency.enabled=false", "prune.reuse_sparse=false",

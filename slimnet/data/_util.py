@@ -1,4 +1,4 @@
-"""Small helpers the data modules share: a config's image size as (H, W), an error as one line."""
+"""Small helpers the data modules share: a config's image size as (H, W)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,3 @@ def _as_hw(size: int | Sequence[int]) -> tuple[int, int]:
         raise ValueError(f"image_size must be an int or (height, width), got {size!r}")
     return size  # type: ignore[return-value]
 
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__

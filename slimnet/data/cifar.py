@@ -7,10 +7,9 @@ from pathlib import Path
 
 import torch
 
-from slimnet.data._util import _one_line
 from slimnet.data.base import _BaseDataModule
 from slimnet.data.dataset import TensorImageDataset
-from slimnet.errors import UserError
+from slimnet.errors import UserError, first_line
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
@@ -82,7 +81,7 @@ class CIFARDataModule(_BaseDataModule):
         try:
             return self._dataset_cls(self.root, train=train, download=download)
         except Exception as err:  # URLError/OSError offline, RuntimeError for missing or bad md5
-            raise self._not_found(_one_line(err)) from err
+            raise self._not_found(first_line(err)) from err
 
     def prepare_data(self) -> None:
         # Lightning runs this on one process only: the place to download.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from slimnet.data._util import _one_line
+from slimnet.errors import first_line
 
 _IDX_IMAGES, _IDX_LABELS = 0x00000803, 0x00000801  # uint8 data, 3 dims / 1 dim
 
@@ -30,7 +30,7 @@ def _idx_header(path: Path, magic: int) -> tuple[int, ...]:
         with _idx_open(path) as f:
             head = f.read(4 + 4 * ndim)
     except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
-        raise ValueError(f"{path}: not a readable IDX file ({_one_line(err)})") from None
+        raise ValueError(f"{path}: not a readable IDX file ({first_line(err)})") from None
     if len(head) < 4 + 4 * ndim:
         raise ValueError(f"{path}: truncated IDX header")
     (got,) = struct.unpack(">i", head[:4])
@@ -48,7 +48,7 @@ def read_idx(path: str | os.PathLike, magic: int) -> torch.Tensor:
         with _idx_open(path) as f:
             raw = f.read()
     except (OSError, EOFError) as err:  # a truncated .gz fails here with EOFError
-        raise ValueError(f"{path}: corrupt IDX file ({_one_line(err)})") from None
+        raise ValueError(f"{path}: corrupt IDX file ({first_line(err)})") from None
     expected = offset + math.prod(dims)
     if len(raw) != expected:
         raise ValueError(

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from slimnet._modes import preserved_modes
+from slimnet.errors import first_line
 
 FORMATS = ("onnx", "torchscript", "pt2")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "pt2": ".pt2"}
@@ -221,7 +222,7 @@ def check_inputs(facts: dict, model_config: dict | None, batch: int, input_size=
             images = torch.stack([dm.test_set[i][0] for i in range(n)])  # (B, C, H, W), normalised
             return images, f"{n} {data_cfg['name']} test images"
         except Exception as err:  # noqa: BLE001 - data not on this machine: say so, fall back
-            why = f"{data_cfg['name']} test set unavailable: {str(err).splitlines()[0][:120]}"
+            why = f"{data_cfg['name']} test set unavailable: {first_line(err, 120)}"
     else:
         why = "no dataset known; pass data=<name> for real images"
     if input_size is not None:

@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from slimnet._modes import preserved_modes
+from slimnet.errors import first_line
 
 BACKENDS = ("eager", "channels_last", "compile", "onnxruntime")
 DEFAULT_BACKENDS = ("eager", "compile", "onnxruntime")
@@ -122,10 +123,6 @@ def _interleaved(calls: list[Call], warmup: int, repeats: int) -> list[list[floa
     return times
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0][:200]}" if text else type(err).__name__
-
 
 @contextlib.contextmanager
 def _fixed_threads(threads: int):
@@ -198,7 +195,7 @@ def _time_models(models: list[nn.Module], example_input: torch.Tensor, batch_siz
             except Exception as err:
                 if backend == "eager":
                     raise  # the model itself does not run: not a backend problem
-                unavailable[backend] = _first_line(err)
+                unavailable[backend] = f"{type(err).__name__}: {first_line(err)}"
                 times = {k: v for k, v in times.items() if k[0] != backend}
     setup["load_avg_1m_after"] = round(os.getloadavg()[0], 2)
     return setup, times, unavailable

@@ -8,11 +8,12 @@ import torch
 from torch import fx, nn
 from torch.nn.modules.conv import _ConvNd
 
+from slimnet.errors import UserError, first_line
 from slimnet.graph.ops import NORM_TYPES, OPS
 from slimnet.graph.shapes import _shapes
 
 
-class TraceError(RuntimeError):
+class TraceError(UserError, RuntimeError):
     """The model could not be captured by ``torch.fx``; the message ends with a hint."""
 
 
@@ -49,13 +50,8 @@ def _trace(model: nn.Module, leaf_types: tuple[type, ...]) -> fx.Graph:
                 break
         raise TraceError(
             f"torch.fx could not trace {type(model).__name__}{where}: {type(err).__name__}: "
-            f"{_first_line(err)}") from err
+            f"{first_line(err, 300)}") from err
     return graph
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0][:300] if text else type(err).__name__
 
 
 def _capture(model: nn.Module, leaf_types: tuple[type, ...], example_inputs: tuple) -> tuple[fx.Graph, dict]:
@@ -72,7 +68,7 @@ def _capture(model: nn.Module, leaf_types: tuple[type, ...], example_inputs: tup
         except Exception as export_err:  # export raises many types; report its own words
             raise TraceError(
                 f"cannot capture {type(model).__name__}'s forward. {fx_err} And torch.export failed: "
-                f"{type(export_err).__name__}: {_first_line(export_err)}. Hint: pass the classes of the "
+                f"{type(export_err).__name__}: {first_line(export_err, 300)}. Hint: pass the classes of the "
                 "submodules these name in leaf_modules=[...] so they are kept whole (fx then traces around "
                 "them), or rewrite data-dependent branches with torch.where."
             ) from export_err
