@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -272,8 +273,24 @@ def train(cfg: DictConfig, run_dir: str | Path, extra_callbacks: list[pl.Callbac
                                "trained_by": cache.trained_by() if cache is not None else None}
     if results.pop("is_global_zero"):
         write_json(results, run_dir / "results.json")
-        log.info("%s\nresults in %s", summary_table(results, layers=_producers(module.model)), run_dir)
+        log.info("%s\nresults in %s (%s)", summary_table(results, layers=_producers(module.model)), run_dir,
+                 _disk_note(run_dir, keep=cfg.callbacks.checkpoint.get("keep", True)))
     return results
+
+
+def _megabytes(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6 if path.exists() else 0.0
+
+
+def _disk_note(run_dir: Path, keep: bool) -> str:
+    """What the run leaves on disk, and the way to keep less: checkpoints are most of it."""
+    checkpoints = run_dir / "checkpoints"
+    size = _megabytes(checkpoints)
+    if not keep:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+        return f"{_megabytes(run_dir):.0f} MB; checkpoints/ ({size:.0f} MB) deleted: callbacks.checkpoint.keep=false"
+    return (f"{_megabytes(run_dir):.0f} MB, of which checkpoints/ {size:.0f} MB for resuming and re-cutting; "
+            "callbacks.checkpoint.keep=false drops them when a run ends well")
 
 
 def _producers(model: torch.nn.Module) -> set[str]:

@@ -102,3 +102,11 @@ def test_a_folder_named_slimnet_in_the_working_directory_does_not_shadow_the_pac
     if found.returncode != 0:
         pytest.skip("slimnet is not installed (pip install -e . --config-settings editable_mode=compat)")
     assert found.stdout.strip().endswith("__init__.py"), "a namespace package shadows the installed slimnet"
+
+
+def test_keep_false_drops_the_checkpoints_of_a_finished_run(compose_cfg, tmp_path, caplog, single_thread):
+    with caplog.at_level("INFO"):
+        train(compose_cfg(*TINY, "callbacks.checkpoint.keep=false"), tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+    assert (tmp_path / "pruned.pt").is_file() and (tmp_path / "results.json").is_file()
+    assert "checkpoints/" in caplog.text and "deleted" in caplog.text
