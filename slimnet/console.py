@@ -13,6 +13,7 @@ import warnings
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import TQDMProgressBar
+from pytorch_lightning.callbacks.progress.tqdm_progress import Tqdm
 
 # Third-party warnings that say nothing a slimnet user can act on (each checked against a real run).
 _IGNORED_WARNINGS = (
@@ -66,14 +67,13 @@ class EpochProgressBar(TQDMProgressBar):
     _SHOWN = ("train/loss", "val/acc", "val/map", "val/loss")
 
     def init_validation_tqdm(self):
-        bar = super().init_validation_tqdm()
-        bar.disable = True
-        return bar
+        return Tqdm(disable=True)  # the epoch's bar shows val metrics when validation ends
 
     def init_sanity_tqdm(self):
-        bar = super().init_sanity_tqdm()
-        bar.disable = True
-        return bar
+        return Tqdm(disable=True)
+
+    def init_test_tqdm(self):
+        return Tqdm(disable=True)  # a few seconds; the summary table follows
 
     def get_metrics(self, trainer, pl_module):
         metrics = super().get_metrics(trainer, pl_module)

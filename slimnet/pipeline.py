@@ -337,7 +337,7 @@ def _fit_and_report(cfg, run_dir, datamodule, module, example, ckpt_path, extra_
         "status": "ok",
         "val_acc": float(val_acc) if val_acc is not None else None,
         "test_acc": float(test_acc) if test_acc is not None else None,
-        "val_acc_before_cut": (cut.get("val_before_cut") or {}).get("val/acc"),
+        "val_acc_before_cut": (cut.get("val_before_cut") or {}).get("val/acc", (cut.get("val_before_cut") or {}).get("evaluate")),
         "val_acc_after_cut": cut.get("after_cut"),
         "before": {"flops": flops_before, "params": params_before},
         "after": {"flops": flops_after, "params": params_after},

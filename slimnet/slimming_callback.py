@@ -224,6 +224,8 @@ class SlimmingCallback(Callback):
         self._stop_recording()
         # The last validation before the cut (the sparse model), beside the after-cut evaluation below.
         before = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/") and v.numel() == 1}
+        if not before and self.evaluate is not None:  # resumed at the cut (a shared sparse phase): measure it
+            before = {"evaluate": self.evaluate(trainer, pl_module)}
         start = time.perf_counter()
         self.report = self._cut(trainer, pl_module)
         self.report["val_before_cut"] = before
