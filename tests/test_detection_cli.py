@@ -4,9 +4,12 @@ at the epoch, mAP and FLOPs in results.json, the checkpoint reloaded at the cut 
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
+from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from slimnet.config import ConfigError
 from slimnet.pipeline import train
@@ -43,8 +46,49 @@ def test_detection_experiment_cuts_the_backbone_and_reports_map(compose_cfg, tmp
     assert set(out) == {"boxes", "scores", "labels"}
 
 
-@pytest.mark.parametrize("override, message", [("prune.scope=heads", "prune.scope"),
-                                               ("model.norm=frozen", "model.norm=frozen has no γ")])
+def test_frozen_batchnorm_is_made_trainable_when_sparsity_is_on(compose_cfg, tmp_path, single_thread, caplog):
+    """A detector built as torchvision's pretrained ones (FrozenBatchNorm2d) with sparsity on: the CLI
+    converts its norms (and says so) instead of refusing, cuts, and the checkpoint reloads."""
+    with caplog.at_level(logging.INFO, logger="slimnet.detection.pipeline"):
+        results = train(compose_cfg(*TINY_DETECTION, "model.norm=frozen", "test=false"), tmp_path)
+    assert any("converted" in r.message and "FrozenBatchNorm2d" in r.message for r in caplog.records)
+    assert results["model_config"]["norm"] == "batchnorm_eval"  # what rebuilds the converted detector
+    assert results["after"]["flops"] < results["before"]["flops"]
+
+    from slimnet.checkpoint import load_checkpoint
+    from slimnet.detection.task import DetectionTask
+
+    reloaded = load_checkpoint(results["checkpoint"], DetectionTask)
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in reloaded.modules())
+
+
+def test_frozen_to_trainable_conversion_keeps_the_detectors_eval_outputs(single_thread):
+    from test_detection_norms import _randomise_frozen
+
+    from slimnet.detection.models import build_detector
+    from slimnet.detection.pipeline import _unfreeze_for_sparsity
+
+    config = {"kind": "retinanet", "backbone": "resnet18", "num_classes": 2, "min_size": 64, "max_size": 64,
+              "fpn_channels": 64, "norm": "frozen"}
+    torch.manual_seed(0)
+    detector = build_detector(**config).eval()
+    _randomise_frozen(detector)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        before = detector.backbone(x)
+    new_config = _unfreeze_for_sparsity(detector, config)
+    norms = [m for m in detector.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and all(m.weight.requires_grad for m in norms)
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in detector.modules())
+    assert new_config == {**config, "norm": "batchnorm_eval"}
+    detector.train()  # EvalModeBatchNorm2d: training mode still normalises with the loaded statistics
+    with torch.no_grad():
+        after = detector.backbone(x)
+    for key in before:
+        torch.testing.assert_close(after[key], before[key], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("override, message", [("prune.scope=heads", "prune.scope")])
 def test_detection_config_errors_come_before_training(compose_cfg, tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         train(compose_cfg(*TINY_DETECTION, override), tmp_path)

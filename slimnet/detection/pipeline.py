@@ -19,6 +19,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from slimnet.api import layer_widths
 from slimnet.callbacks import GammaMonitor, PhaseTimer, SlimmingCallback, SparsityCallback
@@ -26,6 +27,7 @@ from slimnet.checkpoint_io import SafeCheckpointIO
 from slimnet.config import ConfigError
 from slimnet.custom_data import build_custom_datamodule
 from slimnet.measure import count_flops
+from slimnet.norms import unfreeze_batchnorm
 from slimnet.pipeline import cut_policy
 from slimnet.report import write_json
 
@@ -42,13 +44,25 @@ def validate_detection(cfg: DictConfig) -> None:
                               f"{', '.join(SCOPES)} (the heads' class and box outputs are never cut)")
         if not 0 <= p.epoch < cfg.trainer.max_epochs:
             raise ConfigError(f"prune.epoch={p.epoch} must be in [0, trainer.max_epochs={cfg.trainer.max_epochs})")
-        if cfg.model.get("norm") == "frozen" and cfg.sparsity.lam > 0:
-            raise ConfigError("model.norm=frozen has no γ to train: use model.norm=batchnorm_eval (γ trains, the "
-                              "running statistics stay as loaded) or sparsity=none")
+
+
+def _unfreeze_for_sparsity(detector, model_config: dict) -> dict:
+    """FrozenBatchNorm2d has no γ for the L1 step to push: swap it for trainable BatchNorm that keeps
+    normalising with the loaded statistics (``EvalModeBatchNorm2d``; identical eval outputs), and say
+    so. Returns the config that rebuilds the converted detector (``norm=batchnorm_eval``), so the
+    checkpoint reloads with ``load_checkpoint``."""
+    n = sum(isinstance(m, FrozenBatchNorm2d) for m in detector.modules())
+    if not n:
+        return model_config
+    unfreeze_batchnorm(detector, eval_mode=True)
+    log.info("sparsity is on: converted %d FrozenBatchNorm2d layers to trainable BatchNorm2d on their loaded "
+             "running statistics (model.norm=batchnorm_eval; eval outputs unchanged)", n)
+    return {**model_config, "norm": "batchnorm_eval"}
 
 
 def train_detection(cfg: DictConfig, run_dir: str | Path, extra_callbacks=()) -> dict:
-    from slimnet.detection.task import DetectionTask  # torchvision detection, only for this task
+    from slimnet.detection.models import build_detector  # torchvision detection, only for this task
+    from slimnet.detection.task import DetectionTask
 
     run_dir = Path(run_dir)
     validate_detection(cfg)
@@ -57,12 +71,15 @@ def train_detection(cfg: DictConfig, run_dir: str | Path, extra_callbacks=()) ->
     if hasattr(datamodule, "check"):
         datamodule.check()
     model_config = {**OmegaConf.to_container(cfg.model, resolve=True), "num_classes": datamodule.num_classes}
+    pruning = cfg.prune.epoch is not None and bool(cut_policy(cfg.prune))
     try:
-        task = DetectionTask(model_config, image_size=datamodule.image_size, lr=cfg.optim.lr,
-                             momentum=cfg.optim.get("momentum", 0.9), weight_decay=cfg.optim.weight_decay)
+        detector = build_detector(**model_config)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"model: {str(err).splitlines()[0]}") from None
-    pruning = cfg.prune.epoch is not None and bool(cut_policy(cfg.prune))
+    if pruning and cfg.sparsity.lam:
+        model_config = _unfreeze_for_sparsity(detector, model_config)
+    task = DetectionTask(model_config, image_size=datamodule.image_size, lr=cfg.optim.lr, model=detector,
+                         momentum=cfg.optim.get("momentum", 0.9), weight_decay=cfg.optim.weight_decay)
     scope = task.prune_scope(cfg.prune.get("scope") or "backbone")
     target = task.get_submodule(scope.module)
     (part_before, params_before), detector_before = count_flops(target, scope.example_input), task.flops()
