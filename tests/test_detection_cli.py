@@ -41,9 +41,29 @@ def test_detection_experiment_cuts_the_backbone_and_reports_map(compose_cfg, tmp
     for name, (_, width) in widths.items():
         module = reloaded.model.backbone.body.get_submodule(name)
         assert (getattr(module, "out_channels", None) or module.num_features) == width
+    # the body's stage outputs were cut on both sides: the FPN's lateral convs read the cut widths
+    fpn, body = reloaded.model.backbone.fpn, reloaded.model.backbone.body
+    stages = [body.get_submodule(name) for name in body.return_layers]
+    assert [b[0].in_channels for b in fpn.inner_blocks] == [s[-1].bn2.num_features for s in stages]
+    assert any(n.startswith("layer") and n.endswith("bn2") for n in results["channels"])
     with torch.no_grad():
         (out,) = reloaded([torch.rand(3, 64, 64)])
     assert set(out) == {"boxes", "scores", "labels"}
+
+
+def test_scope_all_cuts_the_whole_detector_but_its_answers(compose_cfg, tmp_path, single_thread):
+    results = train(compose_cfg(*TINY_DETECTION, "prune.scope=all", "model.kind=fasterrcnn", "test=false",
+                                "+model.detector_kwargs.rpn_post_nms_top_n_test=50"), tmp_path)
+    assert results["scope"]["module"] == "model"
+    assert results["after"]["flops"] < results["before"]["flops"] == results["before"]["detector_flops"]["total"]
+
+    from slimnet.checkpoint import load_checkpoint
+    from slimnet.detection.task import DetectionTask
+
+    reloaded = load_checkpoint(results["checkpoint"], DetectionTask).model
+    predictor = reloaded.roi_heads.box_predictor
+    assert predictor.cls_score.out_features == results["model_config"]["num_classes"] + 1
+    assert reloaded.rpn.head.cls_logits.out_channels == reloaded.rpn.anchor_generator.num_anchors_per_location()[0]
 
 
 def test_frozen_batchnorm_is_made_trainable_when_sparsity_is_on(compose_cfg, tmp_path, single_thread, caplog):

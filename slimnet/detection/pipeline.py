@@ -22,18 +22,18 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from slimnet.api import layer_widths
-from slimnet.callbacks import GammaMonitor, PhaseTimer, SlimmingCallback, SparsityCallback
+from slimnet.callbacks import GammaMonitor, PhaseTimer, SparsityCallback
 from slimnet.checkpoint_io import SafeCheckpointIO
 from slimnet.config import ConfigError
 from slimnet.custom_data import build_custom_datamodule
-from slimnet.measure import count_flops
+from slimnet.measure import count_flops, count_params
 from slimnet.norms import unfreeze_batchnorm
 from slimnet.pipeline import cut_policy
 from slimnet.report import write_json
 
 log = logging.getLogger(__name__)
 
-SCOPES = ("backbone", "backbone+neck")
+SCOPES = ("backbone", "backbone+neck", "all")
 
 
 def validate_detection(cfg: DictConfig) -> None:
@@ -60,9 +60,17 @@ def _unfreeze_for_sparsity(detector, model_config: dict) -> dict:
     return {**model_config, "norm": "batchnorm_eval"}
 
 
+def _part_flops(task, scope) -> tuple[int, int]:
+    """FLOPs and parameters of the scope's part (the whole detector's at its test-time budget for ``all``)."""
+    if scope.scope == "all":
+        return task.flops()["total"], count_params(task.model)
+    return count_flops(task.get_submodule(scope.module), scope.example_input)
+
+
 def train_detection(cfg: DictConfig, run_dir: str | Path, extra_callbacks=()) -> dict:
     from slimnet.detection.models import build_detector  # torchvision detection, only for this task
     from slimnet.detection.task import DetectionTask
+    from slimnet.detection.trunk import DetectorSlimmingCallback
 
     run_dir = Path(run_dir)
     validate_detection(cfg)
@@ -82,7 +90,7 @@ def train_detection(cfg: DictConfig, run_dir: str | Path, extra_callbacks=()) ->
                          momentum=cfg.optim.get("momentum", 0.9), weight_decay=cfg.optim.weight_decay)
     scope = task.prune_scope(cfg.prune.get("scope") or "backbone")
     target = task.get_submodule(scope.module)
-    (part_before, params_before), detector_before = count_flops(target, scope.example_input), task.flops()
+    (part_before, params_before), detector_before = _part_flops(task, scope), task.flops()
     widths_before = layer_widths(target)
 
     p, s = cfg.prune, cfg.sparsity
@@ -94,9 +102,10 @@ def train_detection(cfg: DictConfig, run_dir: str | Path, extra_callbacks=()) ->
                                           gamma_init=s.gamma_init, kind=s.get("kind", "l1"), target=s.get("target")))
     slimming = None
     if pruning:
-        slimming = SlimmingCallback(epoch=p.epoch, module=scope.module, example_input=scope.example_input,
-                                    module_input=True, min_channels=p.min_channels, round_to=p.round_to,
-                                    fold_bias=p.fold_bias, **cut_policy(p))
+        # traced on the detector's trunk, so channels leaving the scope are cut on both sides
+        slimming = DetectorSlimmingCallback(epoch=p.epoch, module=scope.detector, example_input=scope.trunk_input,
+                                            within=scope.within, min_channels=p.min_channels, round_to=p.round_to,
+                                            fold_bias=p.fold_bias, **cut_policy(p))
         callbacks.append(slimming)
     trainer_args = {**OmegaConf.to_container(cfg.trainer, resolve=True), "enable_progress_bar": cfg.callbacks.progress_bar}
     loggers = []
@@ -110,7 +119,7 @@ def train_detection(cfg: DictConfig, run_dir: str | Path, extra_callbacks=()) ->
     fit_seconds = time.perf_counter() - start
     metrics = trainer.test(task, datamodule=datamodule, verbose=False)[0] if cfg.test else {}
 
-    (part_after, params_after), detector_after = count_flops(target, scope.example_input), task.flops()
+    (part_after, params_after), detector_after = _part_flops(task, scope), task.flops()
     cut = slimming.report if slimming is not None and slimming.report else {}
     widths_after = layer_widths(target)
     results = {
