@@ -127,3 +127,18 @@ def test_a_detection_sweep_report_plots_map_against_flops(compose_cfg, tmp_path,
     assert len(rows) == 2 and all(r["test_map"] != "" and r["detector_flops"] != "" for r in rows)
     assert float(rows[1]["flops"]) < float(rows[0]["flops"])  # the larger cut, the fewer FLOPs
     assert png_path.stat().st_size > 0
+
+
+def test_bad_coco_data_stops_the_cli_in_one_line_before_training(compose_cfg, tmp_path):
+    from test_detection_data import write_coco
+
+    train_split = write_coco(tmp_path / "train", boxes=[[5, 5, 10, 10], [55.0, 5.0, 20.0, 10.0], [5, 5, 10, 10]])
+    val_split = write_coco(tmp_path / "val")
+    overrides = [o for o in TINY_DETECTION if not o.startswith("data.") or o == "data.batch_size=4"]
+    cfg = compose_cfg(*overrides, "data=coco", f"data.train_images={train_split[0]}",
+                      f"data.train_annotations={train_split[1]}", f"data.val_images={val_split[0]}",
+                      f"data.val_annotations={val_split[1]}", "data.num_workers=0", "data.image_size=64")
+    with pytest.raises((ValueError, ConfigError), match="outside its image") as info:
+        train(cfg, tmp_path / "run")
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()
