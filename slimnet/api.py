@@ -23,7 +23,7 @@ from slimnet.graph import NORM_TYPES, ChannelGraph, trace_channel_groups
 from slimnet.measure import (count_flops, count_params, flops_from_uses, reads_training, weight_uses,
                              weight_uses_from_forward)
 from slimnet.optim_state import ParamSnapshot
-from slimnet.plan import PlanDecision, PrunePlan, decide, groups_summary
+from slimnet.plan import PlanDecision, PrunePlan, decide, groups_summary, restrict_to
 from slimnet.prune_report import PruneReport
 from slimnet.surgery import apply_plan, check_plan, transaction
 
@@ -57,6 +57,7 @@ def prune(
     round_to: int = 1,
     fold_bias: bool = True,
     leaf_modules=(),
+    within=None,
 ) -> dict:
     """Remove the channels whose BatchNorm |γ| is small, for real, in place.
 
@@ -75,6 +76,9 @@ def prune(
             bias of the layers that read them (see ``slimnet.fold``), so accuracy right after the cut
             is close to the sparse model's.
         leaf_modules: module classes kept as black boxes when tracing.
+        within: cut only channel groups whose norms all lie in these sub-modules (a dotted name or a
+            list; e.g. ``"backbone.body"`` of a traced detector trunk). Layers outside that read those
+            channels lose them too; the rest of the model is left whole. None: everywhere.
 
     Returns:
         a ``PruneReport``: ``flops_before/after``, ``params_before/after``, ``threshold``, ``channels``
@@ -97,11 +101,11 @@ def prune(
     if target_flops is not None:
         with torch.no_grad():
             found, _ = threshold_for_flops(model, example_inputs, target_flops, min_channels=min_channels,
-                                           round_to=round_to, leaf_modules=leaf_modules)
+                                           round_to=round_to, leaf_modules=leaf_modules, within=within)
         thresh, percent = (found, None) if found > -math.inf else (None, 0.0)
 
     def choose(graph: ChannelGraph, stats: InputStats) -> PlanDecision:
-        return decide(graph, model, thresh=thresh, percent=percent, min_channels=min_channels,
+        return decide(restrict_to(graph, within), model, thresh=thresh, percent=percent, min_channels=min_channels,
                       round_to=round_to)
 
     report = run_surgery(model, example_inputs, choose, fold_bias=fold_bias, measure_inputs=fold_bias,

@@ -15,12 +15,12 @@ from torch import nn
 
 from slimnet.graph import trace_channel_groups
 from slimnet.measure import count_flops
-from slimnet.plan import decide, group_scores
+from slimnet.plan import decide, group_scores, restrict_to
 from slimnet.surgery import apply_plan
 
 
 def threshold_for_flops(model: nn.Module, example_inputs, target: float, *, min_channels: int = 1,
-                        round_to: int = 1, leaf_modules=()) -> tuple[float, int]:
+                        round_to: int = 1, leaf_modules=(), within=None) -> tuple[float, int]:
     """Return ``(threshold, flops)``: the lowest threshold whose cut model has ≤ ``target`` × FLOPs.
 
     ``-inf`` means no cut is needed (keep every channel).
@@ -32,7 +32,7 @@ def threshold_for_flops(model: nn.Module, example_inputs, target: float, *, min_
         raise ValueError(f"target_flops must be in (0, 1], got {target}")
     flops0, _ = count_flops(model, example_inputs)
     budget = target * flops0
-    graph = trace_channel_groups(model, example_inputs, leaf_modules)
+    graph = restrict_to(trace_channel_groups(model, example_inputs, leaf_modules), within)  # see plan.restrict_to
     scores = group_scores(graph, model)
     candidates = [-math.inf] + sorted({float(v) for s in scores.values() for v in s})
 

@@ -117,6 +117,35 @@ def all_gammas(graph: ChannelGraph, model: nn.Module) -> torch.Tensor:
     return torch.cat(values) if values else torch.empty(0)
 
 
+def restrict_to(graph: ChannelGraph, within) -> ChannelGraph:
+    """Cut only the groups that lie in the sub-modules ``within`` (dotted prefixes; ``""`` is the whole
+    model; None: no restriction) and that their norms rank completely.
+
+    A group may be cut when every norm ranking it is inside ``within`` and every layer producing it is
+    followed by one of those norms; then the layers *outside* that read it lose the same channels: the
+    cut crosses the boundary, as it must for the model to stay consistent. A producer without a norm
+    of its own (a detector FPN's P6/P7 convs, merged with the normalised levels by the heads' shared
+    convs) has no γ saying its channels are weak, so its group is left whole. Marks the graph in place
+    and returns it.
+    """
+    if within is None:
+        return graph
+    prefixes = [within] if isinstance(within, str) else list(within)
+
+    def inside(name: str) -> bool:
+        return any(not p or name == p or name.startswith(p + ".") for p in prefixes)
+
+    for group in graph.groups:
+        if not group.prunable:
+            continue
+        norms = {ref.module for ref in group.norms}
+        if not all(inside(n) for n in norms):
+            group.frozen_by.append(f"outside the prune scope ({', '.join(prefixes)})")
+        elif unranked := [p for p in group.producers if graph.norm_after.get(p) not in norms]:
+            group.frozen_by.append(f"{', '.join(unranked)} make(s) channels of it with no norm to rank them")
+    return graph
+
+
 def threshold_for_percent(gammas: torch.Tensor, percent: float) -> float:
     """The |γ| at or below which at most ``percent`` of all entries lie: the paper's global ranking.
 

@@ -69,6 +69,8 @@ class SlimmingCallback(Callback):
         save_sparse: write the sparsity-trained model (end of epoch ``epoch - 1``) as ``sparse.ckpt``
             beside the checkpoints, so other thresholds can be tried without training again.
         on_sparse_saved: called with that file's path once it is written.
+        within: cut only channel groups whose norms all lie in these sub-modules of the cut network
+            (dotted names relative to it); the layers outside that read them lose the same channels.
 
     Raises:
         ValueError: no policy, or thresh with target_flops; at fit start an epoch past the end, an
@@ -86,7 +88,7 @@ class SlimmingCallback(Callback):
                  target_flops: float | None = None, module: str | None = None, example_input=None,
                  module_input: bool = False, min_channels: int = 1, round_to: int = 1, fold_bias: bool = True,
                  carry_optimizer_state: bool = False, evaluate=None, leaf_modules=(), save_sparse: bool = False,
-                 on_sparse_saved=None):
+                 on_sparse_saved=None, within=None):
         if thresh is None and percent is None and target_flops is None:
             raise ValueError("SlimmingCallback needs thresh=…, percent=… or target_flops=…")
         if thresh is not None and target_flops is not None:
@@ -106,6 +108,7 @@ class SlimmingCallback(Callback):
         self.min_channels, self.round_to, self.fold_bias = min_channels, round_to, fold_bias
         self.carry_optimizer_state, self.evaluate, self.leaf_modules = carry_optimizer_state, evaluate, leaf_modules
         self.save_sparse, self.on_sparse_saved = save_sparse, on_sparse_saved
+        self.within = within
         self.done = False
         self.report: dict | None = None
         self.plan: PrunePlan | None = None
@@ -124,7 +127,7 @@ class SlimmingCallback(Callback):
 
     # -- set-up: replay a saved cut, find the example input, fail before training ------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        resolve_submodule(pl_module, self.module, "SlimmingCallback")  # a wrong name fails now
+        self._target(pl_module)  # a wrong name fails now
         self._replay_before_weights_load(pl_module)
         if stage == "fit":
             self._inputs = self._example(pl_module)
@@ -139,7 +142,7 @@ class SlimmingCallback(Callback):
 
         def on_load_checkpoint(checkpoint: dict) -> None:
             state = (checkpoint.get("callbacks") or {}).get(self.state_key) or {}
-            target = resolve_submodule(pl_module, self.module, "SlimmingCallback")
+            target = self._target(pl_module)
             if state.get(PLAN_KEY) and getattr(target, "slimnet_plan", None) is None:
                 replay_plan(target, PrunePlan.from_json(state[PLAN_KEY]))
             original(checkpoint)
@@ -152,6 +155,14 @@ class SlimmingCallback(Callback):
         hook = pl_module.__dict__.get("on_load_checkpoint")
         if getattr(hook, "_slimnet_replay", None) is self:
             del pl_module.on_load_checkpoint
+
+    def _target(self, pl_module: pl.LightningModule) -> torch.nn.Module:
+        """The network that is traced and cut (a subclass may trace a wrapper around it)."""
+        return resolve_submodule(pl_module, self.module, "SlimmingCallback")
+
+    def _fed(self, pl_module: pl.LightningModule) -> torch.nn.Module:
+        """The module whose first input is the cut network's input during training (recorded for folding)."""
+        return self._target(pl_module)
 
     def _example(self, pl_module: pl.LightningModule) -> tuple:
         example = self.example_input if self.example_input is not None else pl_module.example_input_array
@@ -174,7 +185,7 @@ class SlimmingCallback(Callback):
         if self.done:  # resumed after the cut: keep naming this phase's checkpoints as such
             self._new_checkpoint_phase(trainer, reset=False)
             return
-        target = resolve_submodule(pl_module, self.module, "SlimmingCallback")
+        target = self._target(pl_module)
         self._inputs = _to(self._inputs, pl_module.device)  # recorded in setup, before the model moved
         graph = trace_channel_groups(target, self._inputs, self.leaf_modules)  # TraceError says why and how on
         if not any(group.prunable for group in graph.groups):
@@ -192,7 +203,7 @@ class SlimmingCallback(Callback):
     def _start_recording(self, pl_module) -> None:
         self._stop_recording()
         self._recording = []
-        target = resolve_submodule(pl_module, self.module, "SlimmingCallback")
+        target = self._fed(pl_module)
 
         def record(module, inputs):
             x = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
@@ -254,7 +265,7 @@ class SlimmingCallback(Callback):
 
     # -- the cut ------------------------------------------------------------------------------------
     def _cut(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
-        target = resolve_submodule(pl_module, self.module, "SlimmingCallback")
+        target = self._target(pl_module)
         inputs = _to(self._inputs, pl_module.device)
         if self._fold_inputs is not None and len(inputs) == 1:
             inputs = (self._fold_inputs.to(pl_module.device),)
@@ -264,10 +275,12 @@ class SlimmingCallback(Callback):
             warnings.simplefilter("always")
             if self.target_flops is not None:
                 thresh, _ = threshold_for_flops(target, inputs, self.target_flops, min_channels=self.min_channels,
-                                                round_to=self.round_to, leaf_modules=self.leaf_modules)
+                                                round_to=self.round_to, leaf_modules=self.leaf_modules,
+                                                within=self.within)
                 policy = {"thresh": thresh} if thresh > -math.inf else {"percent": 0.0}
             report = prune(target, inputs, min_channels=self.min_channels, round_to=self.round_to,
-                           fold_bias=self.fold_bias, leaf_modules=self.leaf_modules, **policy)
+                           fold_bias=self.fold_bias, leaf_modules=self.leaf_modules, within=self.within,
+                           **policy)
         for w in caught:  # through logging, so they reach the run log, once each
             log.warning(str(w.message))
         self.plan = target.slimnet_plan

@@ -4,9 +4,12 @@ at the epoch, mAP and FLOPs in results.json, the checkpoint reloaded at the cut 
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
+from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from slimnet.config import ConfigError
 from slimnet.pipeline import train
@@ -41,13 +44,74 @@ def test_detection_experiment_cuts_the_backbone_and_reports_map(compose_cfg, tmp
     for name, (_, width) in widths.items():
         module = reloaded.model.backbone.body.get_submodule(name)
         assert (getattr(module, "out_channels", None) or module.num_features) == width
+    # the body's stage outputs were cut on both sides: the FPN's lateral convs read the cut widths
+    fpn, body = reloaded.model.backbone.fpn, reloaded.model.backbone.body
+    stages = [body.get_submodule(name) for name in body.return_layers]
+    assert [b[0].in_channels for b in fpn.inner_blocks] == [s[-1].bn2.num_features for s in stages]
+    assert any(n.startswith("layer") and n.endswith("bn2") for n in results["channels"])
     with torch.no_grad():
         (out,) = reloaded([torch.rand(3, 64, 64)])
     assert set(out) == {"boxes", "scores", "labels"}
 
 
-@pytest.mark.parametrize("override, message", [("prune.scope=heads", "prune.scope"),
-                                               ("model.norm=frozen", "model.norm=frozen has no γ")])
+def test_scope_all_cuts_the_whole_detector_but_its_answers(compose_cfg, tmp_path, single_thread):
+    results = train(compose_cfg(*TINY_DETECTION, "prune.scope=all", "model.kind=fasterrcnn", "test=false",
+                                "+model.detector_kwargs.rpn_post_nms_top_n_test=50"), tmp_path)
+    assert results["scope"]["module"] == "model"
+    assert results["after"]["flops"] < results["before"]["flops"] == results["before"]["detector_flops"]["total"]
+
+    from slimnet.checkpoint import load_checkpoint
+    from slimnet.detection.task import DetectionTask
+
+    reloaded = load_checkpoint(results["checkpoint"], DetectionTask).model
+    predictor = reloaded.roi_heads.box_predictor
+    assert predictor.cls_score.out_features == results["model_config"]["num_classes"] + 1
+    assert reloaded.rpn.head.cls_logits.out_channels == reloaded.rpn.anchor_generator.num_anchors_per_location()[0]
+
+
+def test_frozen_batchnorm_is_made_trainable_when_sparsity_is_on(compose_cfg, tmp_path, single_thread, caplog):
+    """A detector built as torchvision's pretrained ones (FrozenBatchNorm2d) with sparsity on: the CLI
+    converts its norms (and says so) instead of refusing, cuts, and the checkpoint reloads."""
+    with caplog.at_level(logging.INFO, logger="slimnet.detection.pipeline"):
+        results = train(compose_cfg(*TINY_DETECTION, "model.norm=frozen", "test=false"), tmp_path)
+    assert any("converted" in r.message and "FrozenBatchNorm2d" in r.message for r in caplog.records)
+    assert results["model_config"]["norm"] == "batchnorm_eval"  # what rebuilds the converted detector
+    assert results["after"]["flops"] < results["before"]["flops"]
+
+    from slimnet.checkpoint import load_checkpoint
+    from slimnet.detection.task import DetectionTask
+
+    reloaded = load_checkpoint(results["checkpoint"], DetectionTask)
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in reloaded.modules())
+
+
+def test_frozen_to_trainable_conversion_keeps_the_detectors_eval_outputs(single_thread):
+    from test_detection_norms import _randomise_frozen
+
+    from slimnet.detection.models import build_detector
+    from slimnet.detection.pipeline import _unfreeze_for_sparsity
+
+    config = {"kind": "retinanet", "backbone": "resnet18", "num_classes": 2, "min_size": 64, "max_size": 64,
+              "fpn_channels": 64, "norm": "frozen"}
+    torch.manual_seed(0)
+    detector = build_detector(**config).eval()
+    _randomise_frozen(detector)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        before = detector.backbone(x)
+    new_config = _unfreeze_for_sparsity(detector, config)
+    norms = [m for m in detector.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and all(m.weight.requires_grad for m in norms)
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in detector.modules())
+    assert new_config == {**config, "norm": "batchnorm_eval"}
+    detector.train()  # EvalModeBatchNorm2d: training mode still normalises with the loaded statistics
+    with torch.no_grad():
+        after = detector.backbone(x)
+    for key in before:
+        torch.testing.assert_close(after[key], before[key], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("override, message", [("prune.scope=heads", "prune.scope")])
 def test_detection_config_errors_come_before_training(compose_cfg, tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         train(compose_cfg(*TINY_DETECTION, override), tmp_path)
@@ -66,3 +130,18 @@ def test_a_detection_sweep_report_plots_map_against_flops(compose_cfg, tmp_path,
     assert len(rows) == 2 and all(r["test_map"] != "" and r["detector_flops"] != "" for r in rows)
     assert float(rows[1]["flops"]) < float(rows[0]["flops"])  # the larger cut, the fewer FLOPs
     assert png_path.stat().st_size > 0
+
+
+def test_bad_coco_data_stops_the_cli_in_one_line_before_training(compose_cfg, tmp_path):
+    from test_detection_data import write_coco
+
+    train_split = write_coco(tmp_path / "train", boxes=[[5, 5, 10, 10], [55.0, 5.0, 20.0, 10.0], [5, 5, 10, 10]])
+    val_split = write_coco(tmp_path / "val")
+    overrides = [o for o in TINY_DETECTION if not o.startswith("data.") or o == "data.batch_size=4"]
+    cfg = compose_cfg(*overrides, "data=coco", f"data.train_images={train_split[0]}",
+                      f"data.train_annotations={train_split[1]}", f"data.val_images={val_split[0]}",
+                      f"data.val_annotations={val_split[1]}", "data.num_workers=0", "data.image_size=64")
+    with pytest.raises((ValueError, ConfigError), match="outside its image") as info:
+        train(cfg, tmp_path / "run")
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()

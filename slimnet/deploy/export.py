@@ -3,6 +3,7 @@
     python -m slimnet.export outputs/2026-05-09/10-00-00                   # a run dir: its pruned.pt -> ONNX
     python -m slimnet.export outputs/.../pruned.pt format=torchscript batch=32
     python -m slimnet.export pruned.pt format=pt2 input_size=28 data=fashion_mnist
+    python -m slimnet.export outputs/<detection run> format=torchscript  # slimnet/detection/export.py
     python -m slimnet.export --help
 
 Formats:
@@ -245,6 +246,11 @@ def export_artifact(source: str | Path, format: str = "onnx", out: str | Path | 
                     input_size=None, data: str = "auto") -> ExportReport:
     """What ``python -m slimnet.export`` does: load a pruned artifact (or a run dir's), export, check."""
     from slimnet.artifact import load_pruned
+    from slimnet.detection.export import export_detector, is_detection_source
+
+    if is_detection_source(source):  # a detection run or its .ckpt: slimnet/detection/export.py
+        return export_detector(source, format, out=out, batch=batch, opset=opset, atol=atol, rtol=rtol,
+                               input_size=input_size)
 
     if format not in EXPORTERS:
         raise ValueError(f"unknown format {format!r}; choose one of: {', '.join(FORMATS)}")
@@ -283,7 +289,8 @@ def _parser() -> argparse.ArgumentParser:
                     "unknown).",
         epilog=f"flags (key=value):\n{keys}\n\nexit status: 0 ok, 1 numerical check failed, 2 usage or "
                "input error\nexample:\n  python -m slimnet.export outputs/2026-05-09/10-00-00 format=onnx")
-    parser.add_argument("source", help="pruned artifact (.pt) or a run directory containing pruned.pt")
+    parser.add_argument("source", help="pruned artifact (.pt) or a run directory containing pruned.pt; a "
+                                       "detection run directory or its .ckpt (onnx or torchscript)")
     parser.add_argument("flags", nargs="*", metavar="key=value", help="see the flags below")
     return parser
 

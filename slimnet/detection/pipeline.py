@@ -19,21 +19,23 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from slimnet.api import layer_widths
-from slimnet.callbacks import GammaMonitor, PhaseTimer, SlimmingCallback, SparsityCallback
+from slimnet.callbacks import GammaMonitor, PhaseTimer, SparsityCallback
 from slimnet.checkpoint_io import SafeCheckpointIO
 from slimnet.config import ConfigError
 from slimnet.console import progress_callbacks
 from slimnet.custom_data import build_custom_datamodule
 from slimnet.errors import first_line
-from slimnet.measure import count_flops
+from slimnet.measure import count_flops, count_params
+from slimnet.norms import unfreeze_batchnorm
 from slimnet.pipeline import cut_policy
 from slimnet.report import write_json
 
 log = logging.getLogger(__name__)
 
-SCOPES = ("backbone", "backbone+neck")
+SCOPES = ("backbone", "backbone+neck", "all")
 
 
 def validate_detection(cfg: DictConfig) -> None:
@@ -44,9 +46,27 @@ def validate_detection(cfg: DictConfig) -> None:
                               f"{', '.join(SCOPES)} (the heads' class and box outputs are never cut)")
         if not 0 <= p.epoch < cfg.trainer.max_epochs:
             raise ConfigError(f"prune.epoch={p.epoch} must be in [0, trainer.max_epochs={cfg.trainer.max_epochs})")
-        if cfg.model.get("norm") == "frozen" and cfg.sparsity.lam > 0:
-            raise ConfigError("model.norm=frozen has no γ to train: use model.norm=batchnorm_eval (γ trains, the "
-                              "running statistics stay as loaded) or sparsity=none")
+
+
+def _unfreeze_for_sparsity(detector, model_config: dict) -> dict:
+    """FrozenBatchNorm2d has no γ for the L1 step to push: swap it for trainable BatchNorm that keeps
+    normalising with the loaded statistics (``EvalModeBatchNorm2d``; identical eval outputs), and say
+    so. Returns the config that rebuilds the converted detector (``norm=batchnorm_eval``), so the
+    checkpoint reloads with ``load_checkpoint``."""
+    n = sum(isinstance(m, FrozenBatchNorm2d) for m in detector.modules())
+    if not n:
+        return model_config
+    unfreeze_batchnorm(detector, eval_mode=True)
+    log.info("sparsity is on: converted %d FrozenBatchNorm2d layers to trainable BatchNorm2d on their loaded "
+             "running statistics (model.norm=batchnorm_eval; eval outputs unchanged)", n)
+    return {**model_config, "norm": "batchnorm_eval"}
+
+
+def _part_flops(task, scope) -> tuple[int, int]:
+    """FLOPs and parameters of the scope's part (the whole detector's at its test-time budget for ``all``)."""
+    if scope.scope == "all":
+        return task.flops()["total"], count_params(task.model)
+    return count_flops(task.get_submodule(scope.module), scope.example_input)
 
 
 def _val_map(trainer: pl.Trainer, task) -> dict[str, float] | None:
@@ -55,7 +75,9 @@ def _val_map(trainer: pl.Trainer, task) -> dict[str, float] | None:
 
 
 def train_detection(cfg: DictConfig, run_dir: str | Path, extra_callbacks=()) -> dict:
-    from slimnet.detection.task import DetectionTask  # torchvision detection, only for this task
+    from slimnet.detection.models import build_detector  # torchvision detection, only for this task
+    from slimnet.detection.task import DetectionTask
+    from slimnet.detection.trunk import DetectorSlimmingCallback
 
     run_dir = Path(run_dir)
     validate_detection(cfg)
@@ -64,15 +86,18 @@ def train_detection(cfg: DictConfig, run_dir: str | Path, extra_callbacks=()) ->
     if hasattr(datamodule, "check"):
         datamodule.check()
     model_config = {**OmegaConf.to_container(cfg.model, resolve=True), "num_classes": datamodule.num_classes}
+    pruning = cfg.prune.epoch is not None and bool(cut_policy(cfg.prune))
     try:
-        task = DetectionTask(model_config, image_size=datamodule.image_size, lr=cfg.optim.lr,
-                             momentum=cfg.optim.get("momentum", 0.9), weight_decay=cfg.optim.weight_decay)
+        detector = build_detector(**model_config)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"model: {first_line(err)}") from None
-    pruning = cfg.prune.epoch is not None and bool(cut_policy(cfg.prune))
+    if pruning and cfg.sparsity.lam:
+        model_config = _unfreeze_for_sparsity(detector, model_config)
+    task = DetectionTask(model_config, image_size=datamodule.image_size, lr=cfg.optim.lr, model=detector,
+                         momentum=cfg.optim.get("momentum", 0.9), weight_decay=cfg.optim.weight_decay)
     scope = task.prune_scope(cfg.prune.get("scope") or "backbone")
     target = task.get_submodule(scope.module)
-    (part_before, params_before), detector_before = count_flops(target, scope.example_input), task.flops()
+    (part_before, params_before), detector_before = _part_flops(task, scope), task.flops()
     widths_before = layer_widths(target)
 
     p, s = cfg.prune, cfg.sparsity
@@ -84,10 +109,11 @@ def train_detection(cfg: DictConfig, run_dir: str | Path, extra_callbacks=()) ->
                                           gamma_init=s.gamma_init, kind=s.get("kind", "l1"), target=s.get("target")))
     slimming = None
     if pruning:
-        slimming = SlimmingCallback(epoch=p.epoch, module=scope.module, example_input=scope.example_input,
-                                    module_input=True, min_channels=p.min_channels, round_to=p.round_to,
-                                    fold_bias=p.fold_bias, evaluate=_val_map if p.eval_after_cut else None,
-                                    **cut_policy(p))
+        # traced on the detector's trunk, so channels leaving the scope are cut on both sides
+        slimming = DetectorSlimmingCallback(epoch=p.epoch, module=scope.detector, example_input=scope.trunk_input,
+                                            within=scope.within, min_channels=p.min_channels, round_to=p.round_to,
+                                            fold_bias=p.fold_bias, evaluate=_val_map if p.eval_after_cut else None,
+                                            **cut_policy(p))
         callbacks.append(slimming)
     progress, bar = progress_callbacks(cfg.callbacks.progress_bar)
     callbacks += progress
@@ -104,7 +130,7 @@ def train_detection(cfg: DictConfig, run_dir: str | Path, extra_callbacks=()) ->
     val_map = trainer.callback_metrics.get("val/map")  # read before testing replaces the callback metrics
     metrics = trainer.test(task, datamodule=datamodule, verbose=False)[0] if cfg.test else {}
 
-    (part_after, params_after), detector_after = count_flops(target, scope.example_input), task.flops()
+    (part_after, params_after), detector_after = _part_flops(task, scope), task.flops()
     cut = slimming.report if slimming is not None and slimming.report else {}
     widths_after = layer_widths(target)
     results = {

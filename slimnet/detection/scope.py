@@ -7,13 +7,16 @@ layers outside it that read its channels, and the layers whose outputs are never
 * ``backbone+neck`` -- the body and the FPN (``backbone``);
 * ``all`` -- the whole detector (the heads too).
 
-A slimming callback traces the sub-module on ``example_input``: exactly what that module receives in
-the detector (the image after the detector's own normalise/resize/pad). Its outputs are read by
-layers outside it (``consumers``: the FPN's lateral convs read the body's stages, the heads read the
-FPN's levels); cutting an output channel means cutting the same input channel of those layers, so a
-callback either cuts them too or keeps those channels whole. ``never_cut`` are the layers whose
-output channels are the detector's answers (class logits, box deltas, centerness): their input
-channels may go, their outputs never.
+``module`` is the part that is sparsity-trained and whose norms rank the channels; ``example_input``
+is exactly what that module receives in the detector (the image after the detector's own
+normalise/resize/pad). Its outputs are read by layers outside it (``consumers``: the FPN's lateral
+convs read the body's stages, the heads read the FPN's levels); cutting an output channel means
+cutting the same input channel of those layers. So the cut is not traced on ``module`` alone but on
+the detector's trunk (``slimnet.detection.trunk``: backbone, FPN and the heads' layers, on
+``trunk_input``), restricted to the groups whose norms lie ``within`` the scope: channels leaving the
+scope are cut on both sides. ``never_cut`` are the layers whose output channels are the detector's
+answers (class logits, box deltas, centerness): their input channels may go, their outputs never (in
+the trunk they are its outputs, which the channel graph never cuts).
 """
 
 from __future__ import annotations
@@ -54,6 +57,9 @@ class PruneScope:
     example_input: tuple  # positional arguments of that module's forward, batch of one
     consumers: dict[str, list[str]] = field(default_factory=dict)  # output key -> layers outside reading it
     never_cut: list[str] = field(default_factory=list)  # layers whose output channels must stay
+    detector: str = ""  # the detector's name under the caller's root (the trunk's plan is kept under it)
+    within: str = ""  # the scope relative to the detector ("backbone.body", "backbone", "": all of it)
+    trunk_input: tuple = ()  # the trunk's input: the (1, 3, H', W') transformed image
 
 
 def _kind(detector: nn.Module) -> type:
@@ -110,14 +116,15 @@ def prune_scope(detector: nn.Module, scope: str, image_size: tuple[int, int], pr
         return ".".join(p for p in (prefix, n) if p)
 
     never_cut = [name(n) for n in _NEVER_CUT[kind]]
-    if scope == "all":
-        # The whole detector takes a list of images. Note: its forward has data-dependent control flow
-        # (RPN / post-processing), which torch.fx's symbolic tracing cannot follow.
-        return PruneScope(scope, name(""), ([torch.zeros(3, *image_size)],), {}, never_cut)
     x = transformed_input(detector, image_size)
+    trunk = {"detector": name(""), "trunk_input": (x,)}
+    if scope == "all":
+        # The whole detector takes a list of images (its forward, with anchors and NMS, cannot be traced:
+        # the cut is traced on the trunk, which runs every layer up to the heads' outputs).
+        return PruneScope(scope, name(""), ([torch.zeros(3, *image_size)],), {}, never_cut, within="", **trunk)
     if scope == "backbone":
         consumers = {k: [name(n) for n in v] for k, v in _body_consumers(detector).items()}
-        return PruneScope(scope, name("backbone.body"), (x,), consumers, never_cut)
+        return PruneScope(scope, name("backbone.body"), (x,), consumers, never_cut, within="backbone.body", **trunk)
     with torch.no_grad():
         training = detector.backbone.training
         detector.backbone.eval()
@@ -128,4 +135,4 @@ def prune_scope(detector: nn.Module, scope: str, image_size: tuple[int, int], pr
         pooled = set(detector.roi_heads.box_roi_pool.featmap_names)
         box_head = name(_first_layer(detector, "roi_heads.box_head"))
         consumers = {k: [n for n in v if n != box_head or k in pooled] for k, v in consumers.items()}
-    return PruneScope(scope, name("backbone"), (x,), consumers, never_cut)
+    return PruneScope(scope, name("backbone"), (x,), consumers, never_cut, within="backbone", **trunk)
