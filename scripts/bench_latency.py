@@ -18,7 +18,7 @@ Three measurements, each model pair (or set) timed call by call in turn so machi
 2. ``round_to`` N in {1, 4, 8, 16, 32} for the default model at percent 0.7: which N is fastest here.
 3. torchvision resnet50 (224x224, 1000 classes, random γ) cut to ~50% FLOPs with ``slimnet.prune``.
 
-Random weights are fine: latency does not depend on values, only on shapes. See ``slimnet/latency.py``
+Random weights are fine: latency does not depend on values, only on shapes. See ``slimnet/deploy/latency.py``
 for how each number is taken.
 """
 

@@ -32,7 +32,7 @@ from slimnet.custom_data import DataError, DataFacts, build_custom_datamodule, d
 from slimnet.data import build_datamodule
 from slimnet.errors import USER_ERROR_TYPES, first_line
 from slimnet.graph import TraceError, trace_channel_groups
-from slimnet.latency import compare_latency, speedup_columns
+from slimnet.deploy.latency import compare_latency, speedup_columns
 from slimnet.measure import count_flops
 from slimnet.models.build import build_model
 from slimnet.module import SlimModule

@@ -88,7 +88,7 @@ def _export_torchscript(detector: nn.Module, images: list[torch.Tensor], path: P
 
 
 def _export_onnx(detector: nn.Module, images: list[torch.Tensor], path: Path, opset=None):
-    from slimnet.export import onnx_session
+    from slimnet.deploy.export import onnx_session
 
     names = list(detector(images[:1])[0])  # the outputs, in the detector's own order (FCOS: boxes, scores, …)
     with warnings.catch_warnings():
@@ -115,7 +115,7 @@ def export_detector(source: str | Path, format: str = "onnx", out: str | Path | 
 
     ``input_size`` (``H`` or ``HxW``) overrides the run's image size for the check (and the ONNX file).
     """
-    from slimnet.export import ExportReport, _parse_size
+    from slimnet.deploy.export import ExportReport, _parse_size
 
     if format in REFUSED:
         raise ValueError(REFUSED[format])
