@@ -70,10 +70,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_regularizers")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides given to every run")
     args = parser.parse_args()
-    rows = [run(name, [*RUNS[name], *args.overrides], seed, args.budget, args.out)
-            for seed in args.seeds for name in args.runs]
     env = {"torch": torch.__version__, "host_train_images_per_second": host_images_per_second(),
            "overrides": args.overrides, "budget": args.budget}
+    rows = []
+    for seed in args.seeds:
+        for name in args.runs:  # the report is rewritten after every run: a stopped study keeps what it measured
+            rows.append(run(name, [*RUNS[name], *args.overrides], seed, args.budget, args.out))
+            table = write_report(rows, env, args)
+    print(table)
+
+
+def write_report(rows: list[dict], env: dict, args) -> str:
     (ROOT / "docs" / "bench_regularizers.json").write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
     lines = ["| regularizer | seed | test acc | FLOPs removed | val acc right after cut | "
              + " | ".join(f"thresh {t}" for t in THRESHOLDS) + " |", "|---" * (5 + len(THRESHOLDS)) + "|"]
@@ -84,14 +91,15 @@ def main() -> None:
                      f"{cut} | {steps} |")
     for name in args.runs:
         accs = [r["test_acc"] for r in rows if r["run"] == name]
-        lines.append(f"\n{name}: mean test acc {100 * statistics.mean(accs):.2f}% over seeds {args.seeds}")
+        if accs:
+            lines.append(f"\n{name}: mean test acc {100 * statistics.mean(accs):.2f}% over {len(accs)} seed(s)")
     lines.append(f"\nOverrides: {' '.join(args.overrides) or 'none'}; budget prune.target_flops={args.budget}; "
                  f"host bare training step {env['host_train_images_per_second']:.0f} img/s. "
                  f"Command: python scripts/bench_regularizers.py --seeds {' '.join(map(str, args.seeds))} "
                  f"{' '.join(args.overrides)}")
     table = "\n".join(lines)
     (ROOT / "docs" / "bench_regularizers.md").write_text(table + "\n")
-    print(table)
+    return table
 
 
 if __name__ == "__main__":
