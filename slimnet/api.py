@@ -18,10 +18,17 @@ from torch.nn.modules.conv import _ConvNd
 
 from slimnet._modes import preserved_modes
 from slimnet.budget import threshold_for_flops
+from slimnet.errors import first_line
 from slimnet.fold import InputStats, fold_removed_inputs
 from slimnet.graph import NORM_TYPES, ChannelGraph, trace_channel_groups
-from slimnet.measure import (count_flops, count_params, flops_from_uses, reads_training, weight_uses,
-                             weight_uses_from_forward)
+from slimnet.measure import (
+    count_flops,
+    count_params,
+    flops_from_uses,
+    reads_training,
+    weight_uses,
+    weight_uses_from_forward,
+)
 from slimnet.optim_state import ParamSnapshot
 from slimnet.plan import PlanDecision, PrunePlan, decide, groups_summary, restrict_to
 from slimnet.prune_report import PruneReport
@@ -134,6 +141,22 @@ def nothing_cut_message(model: nn.Module, threshold: float | None) -> str:
 
 
 @torch.no_grad()
+def _runs_after_rewriting(model: nn.Module, inputs, plan) -> None:
+    """The plan rewrote size attributes (split sizes, slice bounds) on the evidence that each equals the
+    size the forward uses; run the cut model once to be sure. If it fails, the cut is rolled back (the
+    caller's transaction) and the error names the attributes, instead of a model that breaks later."""
+    inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+    try:
+        with preserved_modes(model):
+            model.eval()(*inputs)
+    except Exception as err:  # noqa: BLE001 - any failure means the rewrite was wrong
+        names = ", ".join(f"{m}.{a}" for m, values in plan.attrs.items() for a in values)
+        raise RuntimeError(f"prune: the cut model does not run after rewriting {names} ({first_line(err)}): the "
+                           "forward does not use those attributes as its sizes; the model is left as it was. "
+                           "Hint: register the op in slimnet.graph.OPS, or pass the module in leaf_modules") from None
+
+
+@torch.no_grad()
 def _record_inputs(model: nn.Module, inputs) -> InputStats:
     """Each layer's input statistics in eval mode over ``inputs``: the one real forward folding needs."""
     stats = InputStats(model)
@@ -197,6 +220,8 @@ def run_surgery(
                 plan.add_bias, folded = result.new_bias, result.folded
             clock.lap("fold")
             apply_plan(model, plan, checked=True)
+            if plan.attrs:
+                _runs_after_rewriting(model, example_inputs, plan)
         clock.lap("cut")
     previous = current_plan(model)
     model.slimnet_plan = previous.then(plan) if previous is not None else plan

@@ -235,3 +235,35 @@ def test_timm_models_with_slices_and_stacks_are_cut_exactly(name, reach_at_least
     assert report["flops_after"] < 0.9 * report["flops_before"]
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-4)
+
+
+class _DecoySize(nn.Module):
+    """``half`` equals the split size, but the forward computes it from ``width``: a rewrite of ``half``
+    would not reach the forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 16, 1), nn.BatchNorm2d(16)
+        self.width, self.half = 16, 8
+        self.a = nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8))
+        self.b = nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8))
+
+    def forward(self, x):
+        p, q = self.bn(self.conv(x)).split(self.width // 2, 1)
+        return torch.cat([self.a(p), self.b(q)], 1)
+
+
+def test_a_rewritten_size_the_forward_does_not_read_rolls_the_cut_back():
+    import slimnet
+
+    torch.manual_seed(0)
+    model = _DecoySize().eval()
+    with torch.no_grad():
+        model.bn.weight.fill_(1.0)
+        model.bn.weight[[0, 1, 8, 9]] = 0.0  # the same count in both halves: the split may be rewritten
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"half.*left as it was"):
+        slimnet.prune(model, torch.randn(1, 3, 4, 4), thresh=0.5, min_channels=1)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert model.half == 8 and not hasattr(model, "slimnet_plan")
