@@ -54,6 +54,18 @@ def test_detection_experiment_cuts_the_backbone_and_reports_map(compose_cfg, tmp
     assert set(out) == {"boxes", "scores", "labels"}
 
 
+
+def test_a_detection_run_resumes_across_the_cut(compose_cfg, tmp_path, single_thread):
+    """Stopped after the cut, resumed from last.ckpt: the plan replays before the weights load, the
+    detector goes on at the cut widths, and the cut is not made twice."""
+    first = train(compose_cfg(*TINY_DETECTION, "trainer.max_epochs=2", "prune.epoch=1"), tmp_path)
+    resumed = train(compose_cfg(*TINY_DETECTION, "trainer.max_epochs=3", "prune.epoch=1",
+                                f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}"), tmp_path)
+    assert resumed["after"]["flops"] == first["after"]["flops"]  # same widths as the cut run ended with
+    assert resumed["channels"] == first["channels"]  # against the unpruned widths: the one cut, not two
+    assert resumed["threshold"] == first["threshold"]  # the cut's report, restored with the callback's state
+    assert 0.0 <= resumed["test_map"] <= 1.0
+
 def test_scope_all_cuts_the_whole_detector_but_its_answers(compose_cfg, tmp_path, single_thread):
     results = train(compose_cfg(*TINY_DETECTION, "prune.scope=all", "model.kind=fasterrcnn", "test=false",
                                 "+model.detector_kwargs.rpn_post_nms_top_n_test=50"), tmp_path)
