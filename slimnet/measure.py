@@ -25,7 +25,6 @@ from slimnet._modes import preserved_modes
 from slimnet.graph import COMPUTE_OPS, NORM_TYPES, _as_batch_of_two, _meta_shapes, _trace
 
 
-
 def _first_example(example_inputs):
     """Normalise ``example_inputs`` (a tensor or a tuple of tensors) to a tuple with batch size 1."""
     if isinstance(example_inputs, torch.Tensor):

@@ -20,7 +20,6 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from slimnet._locate import TargetImportError
 from slimnet._modes import preserved_modes
 from slimnet.api import layer_widths
 from slimnet.artifact import save_pruned
@@ -28,11 +27,11 @@ from slimnet.callbacks import GammaMonitor, PhaseTimer, SlimmingCallback, Sparsi
 from slimnet.checkpoint_io import SafeCheckpointIO
 from slimnet.config import ConfigError, pruning_enabled, validate
 from slimnet.console import progress_callbacks
-from slimnet.custom_data import DataError, DataFacts, build_custom_datamodule, describe
+from slimnet.custom_data import DataFacts, build_custom_datamodule, describe
 from slimnet.data import build_datamodule
-from slimnet.errors import USER_ERROR_TYPES, first_line
-from slimnet.graph import TraceError, trace_channel_groups
 from slimnet.deploy.latency import compare_latency, speedup_columns
+from slimnet.errors import first_line
+from slimnet.graph import TraceError, trace_channel_groups
 from slimnet.measure import count_flops
 from slimnet.models.build import build_model
 from slimnet.module import SlimModule
@@ -157,8 +156,6 @@ def build_module(cfg: DictConfig, facts: DataFacts) -> SlimModule:
     )
 
 
-# Errors whose message already says what to do: the command line prints them as one line.
-USER_ERRORS = USER_ERROR_TYPES
 
 
 def record_failure(run_dir: str | Path, err: BaseException) -> None:
@@ -326,6 +323,7 @@ def _fit_and_report(cfg, run_dir, datamodule, module, example, ckpt_path, extra_
     widths_after = layer_widths(module.model)
     slimming = next((cb for cb in callbacks if isinstance(cb, SlimmingCallback)), None)
     cut = slimming.report if slimming is not None and slimming.report else {}
+    before_cut = cut.get("val_before_cut") or {}  # the last validation before the cut, or an evaluation of it
     prune_cfg = OmegaConf.to_container(cfg.prune, resolve=True)
     policy = cut_policy(cfg.prune) if pruning_enabled(cfg) else {}
     for key in ("thresh", "percent", "target_flops"):  # record only the policy the cut used
@@ -337,7 +335,7 @@ def _fit_and_report(cfg, run_dir, datamodule, module, example, ckpt_path, extra_
         "status": "ok",
         "val_acc": float(val_acc) if val_acc is not None else None,
         "test_acc": float(test_acc) if test_acc is not None else None,
-        "val_acc_before_cut": (cut.get("val_before_cut") or {}).get("val/acc", (cut.get("val_before_cut") or {}).get("evaluate")),
+        "val_acc_before_cut": before_cut.get("val/acc", before_cut.get("evaluate")),
         "val_acc_after_cut": cut.get("after_cut"),
         "before": {"flops": flops_before, "params": params_before},
         "after": {"flops": flops_after, "params": params_after},

@@ -33,7 +33,6 @@ from torch.nn.modules.conv import _ConvNd
 from slimnet.graph import NORM_TYPES
 from slimnet.plan import PrunePlan
 
-
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}  # by tensor rank
 
 

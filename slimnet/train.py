@@ -24,8 +24,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from slimnet.console import quiet_third_party
+from slimnet.errors import USER_ERROR_TYPES
 from slimnet.interrupt import ResumeHint, resume_hint
-from slimnet.pipeline import USER_ERRORS, record_failure, resumed_config, train
+from slimnet.pipeline import record_failure, resumed_config, train
 
 log = logging.getLogger("slimnet")
 _NOTHING_WRITTEN = {".hydra", "train.log", ".write-test"}  # what Hydra and the preflight leave before training
@@ -76,13 +77,13 @@ def main(cfg: DictConfig) -> float | None:
     except Exception as err:
         if hydra_cfg.mode == RunMode.MULTIRUN:
             # One failing job must not sink the sweep: record it, let the others run.
-            if isinstance(err, USER_ERRORS) and not debug:
+            if isinstance(err, USER_ERROR_TYPES) and not debug:
                 log.error("job failed (recorded in its results.json; the sweep goes on): %s", err)
             else:
                 log.exception("job failed; recorded in results.json, the sweep goes on")
             record_failure(run_dir, err)
             return None
-        if isinstance(err, USER_ERRORS) and not debug:  # our one-line messages: no traceback to wade through
+        if isinstance(err, USER_ERROR_TYPES) and not debug:  # our one-line messages: no traceback to wade through
             log.error("%s", err)
             _remove_if_unused(fresh_dir)
             sys.exit(1)
