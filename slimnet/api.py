@@ -77,6 +77,8 @@ def prune(
         percent: prune this fraction of all BatchNorm channels, ranked globally by |γ| (Liu et al.).
         target_flops: keep at most this fraction of the FLOPs: the lowest |γ| threshold that fits the
             budget is searched on the model as it is (no training per probe); wins over ``percent``.
+            Channels tied at one |γ| (e.g. many at exactly 0) are cut lowest β first, so the budget
+            is met inside the tie rather than overshot.
         min_channels: no layer keeps fewer channels than this (the paper's code could empty a layer).
         round_to: keep channel counts a multiple of this, rounding up.
         fold_bias: fold the (near-)constant output of removed channels, ``act(β)`` when γ → 0, into the
@@ -113,7 +115,7 @@ def prune(
 
     def choose(graph: ChannelGraph, stats: InputStats) -> PlanDecision:
         return decide(restrict_to(graph, within), model, thresh=thresh, percent=percent, min_channels=min_channels,
-                      round_to=round_to)
+                      round_to=round_to, tie_break=target_flops is not None)
 
     report = run_surgery(model, example_inputs, choose, fold_bias=fold_bias, measure_inputs=fold_bias,
                          leaf_modules=leaf_modules, caller="prune")

@@ -2,7 +2,8 @@
 
 Raising the threshold never adds FLOPs, so a binary search over the distinct channel scores finds the
 *lowest* threshold within budget — the one that keeps the most channels. Each probe cuts a copy of the
-model and counts its FLOPs; nothing is trained.
+model and counts its FLOPs; nothing is trained. Channels tied at one |γ| (often exactly zero) are put in
+order by β (``plan.tie_broken``), so the search can stop inside a tie instead of cutting all of it.
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ from torch import nn
 
 from slimnet.graph import trace_channel_groups
 from slimnet.measure import count_flops
-from slimnet.plan import decide, group_scores, restrict_to
+from slimnet.plan import decide, group_scores, restrict_to, tie_broken
 from slimnet.surgery import apply_plan
 
 
 def threshold_for_flops(model: nn.Module, example_inputs, target: float, *, min_channels: int = 1,
                         round_to: int = 1, leaf_modules=(), within=None) -> tuple[float, int]:
     """Return ``(threshold, flops)``: the lowest threshold whose cut model has ≤ ``target`` × FLOPs.
+
+    The threshold is on the tie-broken scores: cut with ``decide(..., tie_break=True)``.
 
     ``-inf`` means no cut is needed (keep every channel).
     The threshold is one of the channel scores, so the next lower candidate exceeds the budget: the
@@ -33,7 +36,7 @@ def threshold_for_flops(model: nn.Module, example_inputs, target: float, *, min_
     flops0, _ = count_flops(model, example_inputs)
     budget = target * flops0
     graph = restrict_to(trace_channel_groups(model, example_inputs, leaf_modules), within)  # see plan.restrict_to
-    scores = group_scores(graph, model)
+    scores = tie_broken(group_scores(graph, model), graph, model)
     candidates = [-math.inf] + sorted({float(v) for s in scores.values() for v in s})
 
     cache: dict[int, int] = {}
@@ -44,7 +47,8 @@ def threshold_for_flops(model: nn.Module, example_inputs, target: float, *, min_
             policy = {"percent": 0.0} if i == 0 else {"thresh": candidates[i]}  # candidate 0: no cut
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # floors are expected while probing
-                plan = decide(graph, probe, min_channels=min_channels, round_to=round_to, **policy).plan
+                plan = decide(graph, probe, min_channels=min_channels, round_to=round_to, tie_break=True,
+                              **policy).plan
             apply_plan(probe, plan)
             cache[i] = count_flops(probe, example_inputs)[0]
         return cache[i]

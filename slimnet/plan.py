@@ -108,6 +108,46 @@ def group_scores(graph: ChannelGraph, model: nn.Module) -> dict[int, torch.Tenso
     return scores
 
 
+def _group_betas(graph: ChannelGraph, model: nn.Module, scores: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Per scored group, each channel's largest β over its norms (0 where a norm has no β)."""
+    modules = dict(model.named_modules())
+    betas = {}
+    for gid in scores:
+        group = graph.groups[gid]
+        per_norm = [modules[ref.module].bias.detach().float().flatten()[ref.offset: ref.offset + group.size * ref.mult]
+                    .view(group.size, ref.mult).amax(1).cpu()
+                    for ref in group.norms if getattr(modules[ref.module], "bias", None) is not None]
+        betas[gid] = torch.stack(per_norm).amax(0) if per_norm else torch.zeros(group.size)
+    return betas
+
+
+def tie_broken(scores: dict[int, torch.Tensor], graph: ChannelGraph, model: nn.Module) -> dict[int, torch.Tensor]:
+    """The scores with equal |γ| put in order by β, so that a FLOPs budget can stop inside a tie.
+
+    A sparse phase that drives γ to exactly zero (the λ controller, polarization's clamp at 0) leaves
+    hundreds of channels tied, and a threshold cannot split them: the budget would cut them all and
+    overshoot. Among equal |γ| the channel with the lower β goes first: once γ = 0 its output is
+    ``act(β)``, and after a ReLU a channel with β ≤ 0 passes no gradient back to its γ, so it can never
+    come back in fine-tuning, where one with β > 0 can. Tied values are spread, in float64, over the gap
+    to the next distinct score, so the order between distinct scores is unchanged.
+    """
+    ids = list(scores)
+    if not ids:
+        return scores
+    betas = _group_betas(graph, model, scores)
+    flat = torch.cat([scores[g].double() for g in ids])
+    beta = torch.cat([betas[g].double() for g in ids])
+    values, counts = torch.unique(flat, return_counts=True)
+    out = flat.clone()
+    for i in (counts > 1).nonzero().flatten().tolist():
+        value = values[i]
+        above = values[i + 1] if i + 1 < len(values) else value + 1.0
+        members = (flat == value).nonzero().flatten()
+        members = members[torch.argsort(beta[members], stable=True)]
+        out[members] = value + (above - value) / len(members) * torch.arange(len(members), dtype=torch.float64)
+    return dict(zip(ids, torch.split(out, [len(scores[g]) for g in ids])))
+
+
 def all_gammas(graph: ChannelGraph, model: nn.Module) -> torch.Tensor:
     """|γ| of every BatchNorm entry in a prunable group: the population a ``percent`` ranks."""
     modules = dict(model.named_modules())
@@ -190,8 +230,11 @@ def decide(
     percent: float | None = None,
     min_channels: int = 1,
     round_to: int = 1,
+    tie_break: bool = False,
 ) -> PlanDecision:
-    """Turn |γ| and a policy into a plan. ``thresh`` wins over ``percent`` when both are given."""
+    """Turn |γ| and a policy into a plan. ``thresh`` wins over ``percent`` when both are given.
+
+    ``tie_break``: rank by ``tie_broken`` scores (a FLOPs budget's thresholds, which come from them)."""
     if thresh is None and percent is None:
         raise ValueError("give prune thresh=… (absolute |γ| threshold) or percent=… (fraction of channels)")
     if thresh is not None and not (thresh >= 0):  # also catches NaN
@@ -199,6 +242,8 @@ def decide(
     if percent is not None and not (0 <= percent < 1):
         raise ValueError(f"prune percent must be in [0, 1), got {percent}")
     scores = group_scores(graph, model)
+    if tie_break:
+        scores = tie_broken(scores, graph, model)
     policy = {"thresh": thresh, "percent": None if thresh is not None else percent,
               "min_channels": min_channels, "round_to": round_to}
     if thresh is None:

@@ -9,7 +9,6 @@ loads the weights, so ``Trainer.fit(ckpt_path=…)`` resumes a cut run at the cu
 from __future__ import annotations
 
 import logging
-import math
 import time
 import warnings
 from pathlib import Path
@@ -21,7 +20,6 @@ from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.utilities import rank_zero_only
 
 from slimnet.api import prune
-from slimnet.budget import threshold_for_flops
 from slimnet.checkpoint import PLAN_KEY, Slimmable
 from slimnet.graph import trace_channel_groups
 from slimnet.optim_state import carry_optimizer_state
@@ -269,15 +267,11 @@ class SlimmingCallback(Callback):
         inputs = _to(self._inputs, pl_module.device)
         if self._fold_inputs is not None and len(inputs) == 1:
             inputs = (self._fold_inputs.to(pl_module.device),)
-        policy = {"thresh": self.thresh} if self.thresh is not None else {"percent": self.percent}
+        policy = {"thresh": self.thresh} if self.thresh is not None else \
+            {"target_flops": self.target_flops} if self.target_flops is not None else {"percent": self.percent}
         old_optimizers = list(trainer.optimizers)
         with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            if self.target_flops is not None:
-                thresh, _ = threshold_for_flops(target, inputs, self.target_flops, min_channels=self.min_channels,
-                                                round_to=self.round_to, leaf_modules=self.leaf_modules,
-                                                within=self.within)
-                policy = {"thresh": thresh} if thresh > -math.inf else {"percent": 0.0}
             report = prune(target, inputs, min_channels=self.min_channels, round_to=self.round_to,
                            fold_bias=self.fold_bias, leaf_modules=self.leaf_modules, within=self.within,
                            **policy)

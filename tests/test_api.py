@@ -36,6 +36,59 @@ def test_prune_to_a_flops_budget(target):
     assert model(X).shape == (2, 5)
 
 
+def _half_dead_net() -> nn.Sequential:
+    """Half of every norm's γ exactly zero (what the λ controller or polarization's clamp leave)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                        nn.Conv2d(16, 24, 3, padding=1, bias=False), nn.BatchNorm2d(24), nn.ReLU(),
+                        nn.Conv2d(24, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 5))
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                nn.init.uniform_(m.weight, 0.2, 1.0)
+                m.weight[::2] = 0.0
+                m.bias.copy_(torch.linspace(-1, 1, m.num_features)[torch.randperm(m.num_features)])
+    return net
+
+
+def test_a_budget_stops_inside_a_tie_of_zero_gammas_cutting_the_lowest_beta_first():
+    model = _half_dead_net()
+    every_zero = slimnet.prune(_half_dead_net(), X, thresh=0.0)  # all tied zeros: the old budget cut
+    target = 0.6
+    assert every_zero.flops_after < 0.5 * target * every_zero.flops_before  # cutting the whole tie overshoots
+    betas = {n: m.bias.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    report = slimnet.prune(model, X, target_flops=target)
+    assert every_zero.flops_after < report.flops_after <= target * report.flops_before
+    split = 0
+    for name, kept in report.pass_plan.keep.items():
+        if name in betas and "bn" in kept:
+            zero = torch.arange(0, len(betas[name]), 2)
+            kept_zero = [i for i in kept["bn"] if i in zero.tolist()]
+            cut_zero = [i for i in zero.tolist() if i not in kept["bn"]]
+            if kept_zero and cut_zero:  # a tie split inside this layer: the cut ones had the lower β
+                assert betas[name][cut_zero].max() <= betas[name][kept_zero].min()
+                split += 1
+    assert split  # the budget stopped inside the tie somewhere
+
+
+def test_tie_breaking_keeps_the_order_of_distinct_scores():
+    from slimnet.graph import trace_channel_groups
+    from slimnet.plan import group_scores, tie_broken
+
+    model = _half_dead_net()
+    graph = trace_channel_groups(model, X)
+    plain = group_scores(graph, model)
+    broken = tie_broken(plain, graph, model)
+    a = torch.cat([plain[g] for g in plain]).double()
+    b = torch.cat([broken[g] for g in plain])
+    assert len(torch.unique(b)) == len(b)  # every tie split
+    distinct = a[:, None] < a[None, :]
+    assert bool((b[:, None] < b[None, :])[distinct].all())  # strictly lower stays strictly lower
+    alone = (a[:, None] == a[None, :]).sum(1) == 1
+    assert torch.equal(b[alone], a[alone])  # untied scores are not moved
+
+
 def test_budget_and_threshold_together_are_refused():
     with pytest.raises(ValueError, match="not both"):
         slimnet.prune(_net(), X, thresh=0.1, target_flops=0.5)
