@@ -90,7 +90,8 @@ def test_the_controller_reaches_its_target_on_the_smoke_experiment(compose_cfg, 
     assert share["fixed"] < 0.3  # this λ alone leaves most γ alive in 4 epochs ...
     assert share["driven"] >= 0.45  # ... the controller finds one that reaches the target
     lams = [h["lam"] for h in driven["sparsity"]["history"] if h["epoch"] < cut]
-    assert lams[-1] > 2e-3
+    assert max(lams) > 2e-3, lams  # it raised λ to get there (and may ease off once the zeros are held)
+    assert share["driven"] <= 0.65  # without overshooting far past it
 
 
 @pytest.mark.parametrize("override, message", [("sparsity.kind=nonsense", "sparsity.kind"),
