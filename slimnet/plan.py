@@ -241,9 +241,9 @@ def decide(
         raise ValueError(f"prune thresh must be a number >= 0, got {thresh}")
     if percent is not None and not (0 <= percent < 1):
         raise ValueError(f"prune percent must be in [0, 1), got {percent}")
-    scores = group_scores(graph, model)
+    scores = plain = group_scores(graph, model)
     if tie_break:
-        scores = tie_broken(scores, graph, model)
+        scores = tie_broken(plain, graph, model)
     policy = {"thresh": thresh, "percent": None if thresh is not None else percent,
               "min_channels": min_channels, "round_to": round_to}
     if thresh is None:
@@ -261,6 +261,11 @@ def decide(
     counts = _tied_counts(graph, counts, round_to)
     kept = {gid: _strongest(scores[gid], n, graph.groups[gid].blocks)  # the strongest n, in original order
             for gid, n in counts.items() if n < len(scores[gid])}
+    if tie_break and thresh is not None and thresh > -math.inf:
+        # report a real |γ|: the largest a cut channel had (a tie-broken score is no γ a user could pass)
+        under = [plain[g][scores[g] <= thresh] for g in scores]
+        under = torch.cat(under) if under else torch.empty(0)
+        thresh = float(under.max()) if len(under) else thresh
     if floored:
         warnings.warn(
             f"prune: {len(floored)} layer group(s) had fewer than min_channels={min_channels} channels "

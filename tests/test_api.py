@@ -60,6 +60,7 @@ def test_a_budget_stops_inside_a_tie_of_zero_gammas_cutting_the_lowest_beta_firs
     betas = {n: m.bias.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
     report = slimnet.prune(model, X, target_flops=target)
     assert every_zero.flops_after < report.flops_after <= target * report.flops_before
+    assert report.threshold == 0.0  # the real |γ| of the last channel cut, not a tie-broken score
     split = 0
     for name, kept in report.pass_plan.keep.items():
         if name in betas and "bn" in kept:
