@@ -18,6 +18,7 @@ docs/gamma_l1_vs_polarization.png (seed 0's |γ| at the cut).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -78,13 +79,10 @@ def plateau(checkpoint: Path) -> tuple[dict[str, float], list[float]]:
     import slimnet
     from slimnet.module import SlimModule
 
-    out = {}
-    for thresh in THRESHOLDS:
-        module = SlimModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
-        x = torch.zeros(1, module.hparams.model_config["in_channels"], 28, 28)
-        out[str(thresh)] = slimnet.prune(module.model, x, thresh=thresh, min_channels=4).flops_reduction
     module = SlimModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
-    gammas = torch.cat([m.weight.detach().abs().flatten() for m in module.model.modules()
+    model, x = module.model, torch.zeros(1, module.hparams.model_config["in_channels"], 28, 28)
+    out = {str(t): slimnet.prune(copy.deepcopy(model), x, thresh=t, min_channels=4).flops_reduction for t in THRESHOLDS}
+    gammas = torch.cat([m.weight.detach().abs().flatten() for m in model.modules()
                         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)])
     return out, [round(float(g), 5) for g in gammas]
 

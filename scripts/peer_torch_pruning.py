@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-import slimnet.pipeline as pipeline
+from slimnet import pipeline
 from slimnet.graph import trace_channel_groups
 from slimnet.measure import count_flops
 from slimnet.plan import plan_for
@@ -53,14 +53,13 @@ class TorchPruningCut(SlimmingCallback):
         target.eval()
         flops0, params0 = count_flops(target, (x,))
         budget = self.target_flops * flops0
-        head = [m for m in target.modules() if isinstance(m, torch.nn.Linear)][-1:]  # the classifier's outputs stay
+        head = [n for n, m in target.named_modules() if isinstance(m, torch.nn.Linear)][-1:]  # the classifier stays
 
         def tp_cut(ratio: float):
             probe = copy.deepcopy(target)
             pruner = tp.pruner.BNScalePruner(probe, x, tp.importance.BNScaleImportance(normalizer=self.normalizer),
                                              global_pruning=True, pruning_ratio=ratio,
-                                             ignored_layers=[dict(probe.named_modules())[n] for n, m in
-                                                             target.named_modules() if any(m is h for h in head)])
+                                             ignored_layers=[probe.get_submodule(n) for n in head])
             pruner.step()
             return probe, pruner.pruning_history(), count_flops(probe, (x,))[0]
 

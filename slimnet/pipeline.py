@@ -156,8 +156,6 @@ def build_module(cfg: DictConfig, facts: DataFacts) -> SlimModule:
     )
 
 
-
-
 def record_failure(run_dir: str | Path, err: BaseException) -> None:
     """A failed job's results.json, so a sweep report lists it as failed instead of losing it."""
     write_json({"status": "failed", "error": f"{type(err).__name__}: {err}"}, Path(run_dir) / "results.json")

@@ -96,16 +96,17 @@ def group_scores(graph: ChannelGraph, model: nn.Module) -> dict[int, torch.Tenso
     for group in graph.groups:
         if not group.prunable:
             continue
-        per_norm = []
-        for ref in group.norms:
-            gamma = getattr(modules[ref.module], "weight", None)
-            if gamma is None:  # affine=False: nothing to rank by
-                continue
-            flat = gamma.detach().abs().float().flatten()[ref.offset: ref.offset + group.size * ref.mult]
-            per_norm.append(flat.view(group.size, ref.mult).amax(1).cpu())
+        per_norm = [_per_channel(modules[ref.module].weight.detach().abs(), ref, group) for ref in group.norms
+                    if getattr(modules[ref.module], "weight", None) is not None]  # affine=False: nothing to rank by
         if per_norm:
             scores[group.id] = torch.stack(per_norm).amax(0)
     return scores
+
+
+def _per_channel(param: torch.Tensor, ref, group: ChannelGroup) -> torch.Tensor:
+    """A norm's parameter as one value per channel of ``group`` (the largest over the ``mult`` entries)."""
+    flat = param.float().flatten()[ref.offset: ref.offset + group.size * ref.mult]
+    return flat.view(group.size, ref.mult).amax(1).cpu()
 
 
 def _group_betas(graph: ChannelGraph, model: nn.Module, scores: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
@@ -114,9 +115,8 @@ def _group_betas(graph: ChannelGraph, model: nn.Module, scores: dict[int, torch.
     betas = {}
     for gid in scores:
         group = graph.groups[gid]
-        per_norm = [modules[ref.module].bias.detach().float().flatten()[ref.offset: ref.offset + group.size * ref.mult]
-                    .view(group.size, ref.mult).amax(1).cpu()
-                    for ref in group.norms if getattr(modules[ref.module], "bias", None) is not None]
+        per_norm = [_per_channel(modules[ref.module].bias.detach(), ref, group) for ref in group.norms
+                    if getattr(modules[ref.module], "bias", None) is not None]
         betas[gid] = torch.stack(per_norm).amax(0) if per_norm else torch.zeros(group.size)
     return betas
 

@@ -267,8 +267,7 @@ class SlimmingCallback(Callback):
         inputs = _to(self._inputs, pl_module.device)
         if self._fold_inputs is not None and len(inputs) == 1:
             inputs = (self._fold_inputs.to(pl_module.device),)
-        policy = {"thresh": self.thresh} if self.thresh is not None else \
-            {"target_flops": self.target_flops} if self.target_flops is not None else {"percent": self.percent}
+        policy = {self.policy: getattr(self, self.policy)}
         old_optimizers = list(trainer.optimizers)
         with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
