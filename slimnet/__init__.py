@@ -19,6 +19,7 @@ Your LightningModule::
 
 from slimnet.api import prune
 from slimnet.artifact import load_pruned, save_pruned
+from slimnet.errors import NothingCutError
 from slimnet.graph import TraceError, trace_channel_groups
 from slimnet.measure import count_flops, count_params
 from slimnet.optim_state import carry_optimizer_state
@@ -39,7 +40,7 @@ _LAZY = {
 __all__ = ["prune", "prune_zeroed", "count_flops", "count_params", "save_pruned", "load_pruned", "trace_channel_groups",
            "PrunePlan", "PruneReport", "TraceError", "attach_l1", "add_l1_subgradient", "l1_proximal_step", "L1Step",
            "carry_optimizer_state", "SparsityCallback", "SlimmingCallback", "Slimmable", "load_checkpoint",
-           "reach", "Reach"]
+           "reach", "Reach", "NothingCutError"]
 __version__ = "0.1.0"
 
 

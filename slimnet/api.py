@@ -18,7 +18,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from slimnet._modes import preserved_modes
 from slimnet.budget import threshold_for_flops
-from slimnet.errors import first_line
+from slimnet.errors import NothingCutError, first_line
 from slimnet.fold import InputStats, fold_removed_inputs
 from slimnet.graph import NORM_TYPES, ChannelGraph, trace_channel_groups
 from slimnet.measure import (
@@ -30,7 +30,16 @@ from slimnet.measure import (
     weight_uses_from_forward,
 )
 from slimnet.optim_state import ParamSnapshot
-from slimnet.plan import PlanDecision, PrunePlan, decide, groups_summary, restrict_to
+from slimnet.plan import (
+    PlanDecision,
+    PrunePlan,
+    decide,
+    group_scores,
+    groups_summary,
+    mark_frozen,
+    restrict_to,
+    why_nothing_cut,
+)
 from slimnet.prune_report import PruneReport
 from slimnet.surgery import apply_plan, check_plan, transaction
 
@@ -65,6 +74,8 @@ def prune(
     fold_bias: bool = True,
     leaf_modules=(),
     within=None,
+    input_stats: InputStats | None = None,
+    cut_frozen: bool = False,
 ) -> dict:
     """Remove the channels whose BatchNorm |γ| is small, for real, in place.
 
@@ -73,8 +84,12 @@ def prune(
         example_inputs: a tensor (or tuple) of the shape the model takes. With ``fold_bias`` its values
             matter a little: the removed channels' outputs are averaged over it (a batch of real data
             is best when γ is small but not zero; for γ = 0 any input gives the exact constant).
-        thresh: keep channels with |γ| > thresh (absolute; wins over ``percent``).
-        percent: prune this fraction of all BatchNorm channels, ranked globally by |γ| (Liu et al.).
+        thresh: keep channels with |γ| > thresh (absolute; wins over ``percent``). One that removes
+            nothing is a warning saying which thresholds would (or that the |γ| are tied).
+        percent: prune this fraction of all BatchNorm channels, ranked globally by |γ| (Liu et al.);
+            channels kept whole anyway (frozen γ, outside ``within``, ops not understood) do not count.
+            A tie of equal |γ| across the cut (all 0 after a sparse phase, all 1 in a fresh model) is
+            split as ``target_flops`` splits it: lowest β first, evenly over the layers.
         target_flops: keep at most this fraction of the FLOPs: the lowest |γ| threshold that fits the
             budget is searched on the model as it is (no training per probe); wins over ``percent``.
             Channels tied at one |γ| (e.g. many at exactly 0) are cut lowest β first, so the budget
@@ -88,14 +103,24 @@ def prune(
         within: cut only channel groups whose norms all lie in these sub-modules (a dotted name or a
             list; e.g. ``"backbone.body"`` of a traced detector trunk). Layers outside that read those
             channels lose them too; the rest of the model is left whole. None: everywhere.
+        input_stats: each layer's input statistics recorded beforehand over real data in eval mode
+            (``slimnet.fold.InputStats``): folding uses them instead of a forward over
+            ``example_inputs`` (``SlimmingCallback`` records them, so it never keeps raw samples).
+        cut_frozen: rank and cut norms whose γ does not require grad (``requires_grad=False``, e.g. a
+            detector's frozen stages, or FrozenBatchNorm2d, whose γ is a buffer) as if they had been
+            sparsity-trained. By default their channel groups are kept whole and named in the warnings.
 
     Returns:
         a ``PruneReport``: ``flops_before/after``, ``params_before/after``, ``threshold``, ``channels``
         (module -> [before, after] for every layer that changed), ``groups``, ``warnings``, ``folded``
         (layers that absorbed removed channels' constants), ``plan`` and ``pass_plan``.
+        ``threshold`` is the largest |γ| cut; ``threshold_reproduces`` says whether ``thresh=threshold``
+        on the same model gives the same plan (not when the cut split a tie: the warnings say which).
 
     Raises:
         ValueError: the model has no BatchNorm (nothing to slim), or the policy is invalid.
+        slimnet.errors.NothingCutError: ``percent`` > 0 or ``target_flops`` < 1 would remove nothing
+            (every group frozen, outside ``within`` or at ``min_channels``); the model is unchanged.
     """
     if thresh is not None and target_flops is not None:
         raise ValueError("prune: give thresh or target_flops, not both")
@@ -107,39 +132,97 @@ def prune(
             "needs BatchNorm after the convs you want to prune. Hint: slimnet.prune_zeroed(model, x) turns "
             "filters you zeroed yourself (e.g. with torch.nn.utils.prune) into a smaller model.")
 
+    asked = _asked(thresh, percent, target_flops)
     if target_flops is not None:
         with torch.no_grad():
             found, _ = threshold_for_flops(model, example_inputs, target_flops, min_channels=min_channels,
-                                           round_to=round_to, leaf_modules=leaf_modules, within=within)
+                                           round_to=round_to, leaf_modules=leaf_modules, within=within,
+                                           cut_frozen=cut_frozen)
         thresh, percent = (found, None) if found > -math.inf else (None, 0.0)
+    seen: list[tuple[ChannelGraph, PlanDecision]] = []
 
     def choose(graph: ChannelGraph, stats: InputStats) -> PlanDecision:
-        return decide(restrict_to(graph, within), model, thresh=thresh, percent=percent, min_channels=min_channels,
-                      round_to=round_to, tie_break=target_flops is not None)
+        known = len(graph.warnings)
+        graph = mark_frozen(restrict_to(graph, within), model, cut_frozen)
+        for message in graph.warnings[known:]:  # frozen γ: named, once, as the trace's own warnings are
+            warnings.warn(f"prune: {message}", stacklevel=4)
+        decision = decide(graph, model, thresh=thresh, percent=percent, min_channels=min_channels,
+                          round_to=round_to, tie_break=target_flops is not None)
+        seen.append((graph, decision))
+        if not decision.plan and _wants_a_cut(asked):  # refused before any tensor changes: all or nothing
+            raise NothingCutError(f"prune: {_policy_text(asked)} removes nothing, the model is unchanged: "
+                                  + _why(graph, model, decision, min_channels))
+        if target_flops is not None:  # the policy asked for, not the threshold the search found
+            decision.plan.policy = {**asked, "min_channels": min_channels, "round_to": round_to}
+        return decision
 
     report = run_surgery(model, example_inputs, choose, fold_bias=fold_bias, measure_inputs=fold_bias,
-                         leaf_modules=leaf_modules, caller="prune")
-    asked = thresh is not None or (percent or 0) > 0
-    if asked and not report.channels:
-        message = "prune: " + nothing_cut_message(model, report.threshold)
-        warnings.warn(message, stacklevel=2)
-        report.warnings.append(message)
+                         leaf_modules=leaf_modules, caller="prune", input_stats=input_stats)
+    (graph, decision), notes = seen[0], []
+    if "thresh" in asked and not report.channels:
+        notes.append(nothing_cut_message(graph, model, report.threshold, min_channels))
+    if decision.split_tie is not None:
+        notes.append(_split_tie_message(decision, asked))
+    for message in notes:
+        warnings.warn(f"prune: {message}", stacklevel=2)
+        report.warnings.append(f"prune: {message}")
     return report
 
 
-def nothing_cut_message(model: nn.Module, threshold: float | None) -> str:
-    """Why a cut removed nothing, and which thresholds would remove something: silence is a bug."""
-    gammas = [m.weight.detach().abs().float().flatten() for m in model.modules()
-              if isinstance(m, NORM_TYPES) and getattr(m, "weight", None) is not None]
-    if not gammas:
-        return "the cut removed nothing: the model has no norm with a γ"
-    flat = torch.cat(gammas)
-    q = torch.quantile(flat, torch.tensor([0.0, 0.1, 0.3, 0.5, 0.7, 0.9]))
+def _asked(thresh, percent, target_flops) -> dict:
+    """The one policy the user asked for, as they wrote it (``thresh`` wins over ``percent``)."""
+    if target_flops is not None:
+        return {"target_flops": target_flops}
+    return {"thresh": thresh} if thresh is not None else {"percent": percent}
+
+
+def _why(graph: ChannelGraph, model: nn.Module, decision: PlanDecision, min_channels: int) -> str:
+    """Why a cut removes nothing: a ``percent`` under one channel, or what ``why_nothing_cut`` finds."""
+    if decision.threshold == -math.inf and group_scores(graph, model):  # ranked, but nothing under the cut-off
+        return "that is less than one channel of those it can rank (raise it)"
+    return why_nothing_cut(graph, model, min_channels)
+
+
+def _wants_a_cut(asked: dict) -> bool:
+    """``percent`` > 0 or ``target_flops`` < 1 ask for channels to go; a ``thresh`` only bounds |γ|."""
+    return (asked.get("percent") or 0) > 0 or asked.get("target_flops", 1) < 1
+
+
+def _policy_text(asked: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in asked.items())
+
+
+def _split_tie_message(decision: PlanDecision, asked: dict) -> str:
+    """Why ``thresh=report.threshold`` would not give this cut back, and what would."""
+    n, value = decision.split_tie
+    return (f"thresh={decision.threshold:.4g} would not reproduce this cut: it splits a tie of {n} channels at "
+            f"|γ| = {value:.4g} (lowest β first), which a threshold cuts whole or not at all; pass "
+            f"{_policy_text(asked)} to reproduce it")
+
+
+def nothing_cut_message(graph: ChannelGraph, model: nn.Module, threshold: float | None, min_channels: int) -> str:
+    """Why a ``thresh`` cut removed nothing, and which thresholds would remove something: silence is a bug.
+
+    Suggestions come with the share they really select (a threshold selects every |γ| at or below it,
+    so inside a tie it selects the whole tie); when the |γ| a threshold could split are all one value,
+    it says so instead of suggesting one threshold for three shares."""
     at = f"|γ| threshold {threshold:.4g}" if threshold is not None else "this policy"
-    return (f"the cut removed nothing at {at}: the network's |γ| run min {q[0]:.3g}, 10% {q[1]:.3g}, "
-            f"median {q[3]:.3g}, 90% {q[5]:.3g}; thresh={q[2]:.3g} / {q[3]:.3g} / {q[4]:.3g} would select 30 / 50 / "
-            "70% of the channels (or use percent= / target_flops=; a longer or stronger sparse phase pushes "
-            "more γ to zero)")
+    scores = group_scores(graph, model)
+    if not scores:
+        return f"the cut removed nothing at {at}: " + why_nothing_cut(graph, model, min_channels)
+    flat = torch.cat(list(scores.values()))
+    q = torch.quantile(flat, torch.tensor([0.3, 0.5, 0.7]), interpolation="lower")  # real |γ| values
+    if q[0] == q[-1]:  # at least 40% of the channels share one |γ|
+        tied = int((flat == q[0]).sum())
+        who = f"all {tied}" if tied == len(flat) else f"{tied} of the {len(flat)}"
+        return (f"the cut removed nothing at {at}: {who} rankable channels have |γ| = {float(q[0]):.4g}: a threshold "
+                "cannot split them; use percent= or target_flops=, which break ties by β, or sparsity-train first")
+    picks = torch.unique(q)
+    shares = [f"{float((flat <= t).double().mean()):.0%}".rstrip("%") for t in picks]
+    return (f"the cut removed nothing at {at}: the rankable channels' |γ| run min {float(flat.min()):.3g}, median "
+            f"{float(flat.median()):.3g}, max {float(flat.max()):.3g}; thresh={' / '.join(f'{float(t):.3g}' for t in picks)} "
+            f"would select {' / '.join(shares)}% of them (or use percent= / target_flops=; a longer or stronger "
+            "sparse phase pushes more γ to zero)")
 
 
 @torch.no_grad()
@@ -184,11 +267,13 @@ def run_surgery(
     stats_inputs=None,
     leaf_modules=(),
     caller: str = "prune",
+    input_stats: InputStats | None = None,
 ) -> PruneReport:
     """Measure, trace, let ``choose`` decide a plan, fold, cut, and report: the steps every entry shares.
 
     ``measure_inputs``: record each layer's input statistics (needed by ``fold_bias`` and by choosers
-    that look at activations), over ``stats_inputs`` if given, else over ``example_inputs``.
+    that look at activations), over ``stats_inputs`` if given, else over ``example_inputs``;
+    ``input_stats``: statistics already recorded, used instead (nothing is recorded here).
     """
     clock = _Clock()
     before = ParamSnapshot(model)  # lets carry_optimizer_state slice an optimizer's state afterwards
@@ -201,6 +286,8 @@ def run_surgery(
     # the traced (train-mode) graph's when no module reads `training`, else an eval-mode trace's.
     uses = graph.uses if not reads_training(model) else weight_uses(model, example_inputs)
     stats = InputStats(model)
+    if input_stats is not None:
+        stats, measure_inputs = input_stats, False
     if uses is None:  # not countable on shapes: positions from one real forward, folding's if it needs one
         inputs = example_inputs if stats_inputs is None or not measure_inputs else stats_inputs
         uses = weight_uses_from_forward(model, inputs, stats.recording(enabled=measure_inputs))
@@ -232,6 +319,7 @@ def run_surgery(
     clock.lap("measure_after")
     return PruneReport(
         threshold=decision.threshold,
+        threshold_reproduces=decision.reproduces,
         flops_before=flops_before,
         flops_after=flops_after,
         params_before=params_before,

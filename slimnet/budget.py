@@ -14,14 +14,15 @@ import warnings
 
 from torch import nn
 
+from slimnet.errors import NothingCutError
 from slimnet.graph import trace_channel_groups
 from slimnet.measure import count_flops
-from slimnet.plan import decide, group_scores, restrict_to, tie_broken
+from slimnet.plan import decide, group_scores, mark_frozen, restrict_to, tie_broken, why_nothing_cut
 from slimnet.surgery import apply_plan
 
 
-def threshold_for_flops(model: nn.Module, example_inputs, target: float, *, min_channels: int = 1,
-                        round_to: int = 1, leaf_modules=(), within=None) -> tuple[float, int]:
+def threshold_for_flops(model: nn.Module, example_inputs, target: float, *, min_channels: int = 1, round_to: int = 1,
+                        leaf_modules=(), within=None, cut_frozen: bool = False) -> tuple[float, int]:
     """Return ``(threshold, flops)``: the lowest threshold whose cut model has ≤ ``target`` × FLOPs.
 
     The threshold is on the tie-broken scores: cut with ``decide(..., tie_break=True)``.
@@ -29,13 +30,16 @@ def threshold_for_flops(model: nn.Module, example_inputs, target: float, *, min_
     ``-inf`` means no cut is needed (keep every channel).
     The threshold is one of the channel scores, so the next lower candidate exceeds the budget: the
     result is within one channel step of the target. If even the deepest cut the floors allow is over
-    budget, that deepest cut is returned with a warning.
+    budget, that deepest cut is returned with a warning; if it removes nothing at all (every group
+    frozen, outside ``within`` or at ``min_channels``), ``NothingCutError`` says why.
+    Groups whose norms have a frozen γ are left whole unless ``cut_frozen`` (``plan.mark_frozen``).
     """
     if not 0 < target <= 1:
         raise ValueError(f"target_flops must be in (0, 1], got {target}")
     flops0, _ = count_flops(model, example_inputs)
     budget = target * flops0
-    graph = restrict_to(trace_channel_groups(model, example_inputs, leaf_modules), within)  # see plan.restrict_to
+    graph = trace_channel_groups(model, example_inputs, leaf_modules)
+    graph = mark_frozen(restrict_to(graph, within), model, cut_frozen)  # the groups the cut itself will see
     scores = tie_broken(group_scores(graph, model), graph, model)
     candidates = [-math.inf] + sorted({float(v) for s in scores.values() for v in s})
 
@@ -54,6 +58,9 @@ def threshold_for_flops(model: nn.Module, example_inputs, target: float, *, min_
         return cache[i]
 
     lo, hi = 0, len(candidates) - 1
+    if flops_at(hi) >= flops0 > budget:  # the deepest cut removes nothing
+        raise NothingCutError(f"target_flops={target} removes nothing, the model is unchanged: "
+                              + why_nothing_cut(graph, model, min_channels))
     if flops_at(hi) > budget:
         warnings.warn(f"target_flops={target}: the deepest cut min_channels={min_channels} allows keeps "
                       f"{flops_at(hi) / flops0:.3f} of the FLOPs; using it", stacklevel=2)

@@ -14,11 +14,10 @@ import pytorch_lightning as pl
 from torch import nn
 
 from slimnet.artifact import safe_load
+from slimnet.core.slimming import PLAN_KEY
 from slimnet.errors import UnreadableFileError
 from slimnet.plan import PrunePlan
 from slimnet.surgery import replay_plan
-
-PLAN_KEY = "slimnet_plan"  # in a SlimmingCallback's checkpoint state: the plan, as JSON
 
 
 def checkpoint_plans(checkpoint: dict) -> list[tuple[str | None, PrunePlan]]:

@@ -18,6 +18,11 @@ class UnreadableFileError(UserError, ValueError):
     """A file that is not what it should be (truncated, another format, another tool's pickle)."""
 
 
+class NothingCutError(UserError, ValueError):
+    """A ``percent`` or ``target_flops`` cut that removes no channel (every group frozen, outside the
+    scope, or at ``min_channels``): raised before anything changes, so the model is left as it was."""
+
+
 # Built-in errors slimnet raises with a message that names the fix (a missing file, a NaN loss).
 USER_ERROR_TYPES: tuple[type[BaseException], ...] = (UserError, FileNotFoundError, FloatingPointError)
 

@@ -79,6 +79,19 @@ class InputStats:
     def get(self, name: str) -> FeatureStats | None:
         return self.stats.get(name)
 
+    def state_dict(self) -> dict[str, dict]:
+        """Per layer, the three per-feature vectors and the call count: small, and no input sample."""
+        return {name: {"total": s.total, "low": s.low, "high": s.high, "calls": s.calls}
+                for name, s in self.stats.items()}
+
+    def to(self, device) -> InputStats:
+        for s in self.stats.values():
+            s.total, s.low, s.high = s.total.to(device), s.low.to(device), s.high.to(device)
+        return self
+
+    def load_state_dict(self, state: dict[str, dict]) -> None:
+        self.stats = {name: FeatureStats(s["total"], s["low"], s["high"], int(s["calls"])) for name, s in state.items()}
+
     @contextlib.contextmanager
     def recording(self, enabled: bool = True):
         handles = []

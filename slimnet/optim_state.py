@@ -112,3 +112,43 @@ def carry_state(old: torch.optim.Optimizer, new: torch.optim.Optimizer, before: 
             new.state[new_param] = state
             carried += 1
     return carried
+
+
+def retarget_optimizer(optimizer: torch.optim.Optimizer, before: ParamSnapshot, model: nn.Module,
+                       plan: PrunePlan, keep_state: bool = True) -> int:
+    """Point ``optimizer`` at the cut ``model``'s parameters, in place, so nothing built on it restarts.
+
+    Each cut parameter takes the place of the one it replaced in its param group, a bias the cut added
+    (β folding) joins its weight's group, and (``keep_state``) the state of the surviving channels moves
+    to the new tensors (``carry_state``). The optimizer object, its hyper-parameters and every
+    scheduler stepping it are untouched: a StepLR, a cosine or a OneCycle schedule goes on where it
+    was instead of warming up again. ``keep_state=False`` drops all state (a fresh start of moments).
+
+    Returns how many parameters received state.
+    """
+    now = dict(model.named_parameters())
+    replaced = {id(old): now[name] for name, old in before.params.items() if name in now and now[name] is not old}
+    groups_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    added = {}  # new parameters (a folded bias) -> the group holding their module's weight
+    for name, param in now.items():
+        if name in before.params:
+            continue
+        module = name.rpartition(".")[0]
+        sibling = next((old for n, old in before.params.items() if n.rpartition(".")[0] == module and id(old) in groups_of),
+                       None)
+        if sibling is not None:
+            added[param] = groups_of[id(sibling)]
+    old_state = {p: s for p, s in optimizer.state.items()}
+    for group in optimizer.param_groups:
+        group["params"] = [replaced.get(id(p), p) for p in group["params"]]
+        group["params"] += [p for p, owner in added.items() if owner is group]
+    if not keep_state:
+        optimizer.state.clear()
+        return 0
+    # carry_state reads the old parameters' entries and writes the new ones'; then the old ones go.
+    carried = carry_state(optimizer, optimizer, before, model, plan)
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for param in old_state:
+        if id(param) not in held:
+            del optimizer.state[param]
+    return carried

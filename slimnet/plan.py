@@ -87,6 +87,13 @@ class PlanDecision:
     threshold: float | None
     kept: dict[int, torch.Tensor]  # group id -> kept channel indices (sorted)
     floored: list[str] = field(default_factory=list)  # groups that hit min_channels
+    # (channels, |γ|) of a tie the cut split by β, which ``thresh=threshold`` would cut whole or not at all
+    split_tie: tuple[int, float] | None = None
+
+    @property
+    def reproduces(self) -> bool | None:
+        """Whether ``thresh=threshold`` on the same model gives this very plan (None: no threshold)."""
+        return None if self.threshold is None else self.split_tie is None
 
 
 def group_scores(graph: ChannelGraph, model: nn.Module) -> dict[int, torch.Tensor]:
@@ -105,8 +112,7 @@ def group_scores(graph: ChannelGraph, model: nn.Module) -> dict[int, torch.Tenso
 
 def _per_channel(param: torch.Tensor, ref, group: ChannelGroup) -> torch.Tensor:
     """A norm's parameter as one value per channel of ``group`` (the largest over the ``mult`` entries)."""
-    flat = param.float().flatten()[ref.offset: ref.offset + group.size * ref.mult]
-    return flat.view(group.size, ref.mult).amax(1).cpu()
+    return _norm_entries(param, ref, group).amax(1)
 
 
 def _group_betas(graph: ChannelGraph, model: nn.Module, scores: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
@@ -122,14 +128,16 @@ def _group_betas(graph: ChannelGraph, model: nn.Module, scores: dict[int, torch.
 
 
 def tie_broken(scores: dict[int, torch.Tensor], graph: ChannelGraph, model: nn.Module) -> dict[int, torch.Tensor]:
-    """The scores with equal |γ| put in order by β, so that a FLOPs budget can stop inside a tie.
+    """The scores with equal |γ| put in order by β, so that a cut can stop inside a tie.
 
     A sparse phase that drives γ to exactly zero (the λ controller, polarization's clamp at 0) leaves
-    hundreds of channels tied, and a threshold cannot split them: the budget would cut them all and
-    overshoot. Among equal |γ| the channel with the lower β goes first: once γ = 0 its output is
-    ``act(β)``, and after a ReLU a channel with β ≤ 0 passes no gradient back to its γ, so it can never
-    come back in fine-tuning, where one with β > 0 can. Tied values are spread, in float64, over the gap
-    to the next distinct score, so the order between distinct scores is unchanged.
+    hundreds of channels tied, and a threshold cannot split them: a budget would cut them all and
+    overshoot, a percent would cut none of them. Among equal |γ| the channel with the lower β goes
+    first: once γ = 0 its output is ``act(β)``, and after a ReLU a channel with β ≤ 0 passes no gradient
+    back to its γ, so it can never come back in fine-tuning, where one with β > 0 can. Among equal β too
+    (a fresh model: every γ 1, every β 0) channels are taken evenly from every layer, by their position
+    in it, so no layer is emptied first. Tied values are spread, in float64, over the gap to the next
+    distinct score, so the order between distinct scores is unchanged.
     """
     ids = list(scores)
     if not ids:
@@ -137,24 +145,82 @@ def tie_broken(scores: dict[int, torch.Tensor], graph: ChannelGraph, model: nn.M
     betas = _group_betas(graph, model, scores)
     flat = torch.cat([scores[g].double() for g in ids])
     beta = torch.cat([betas[g].double() for g in ids])
+    where = torch.cat([_position_in_layer(graph.groups[g]) for g in ids])
     values, counts = torch.unique(flat, return_counts=True)
     out = flat.clone()
     for i in (counts > 1).nonzero().flatten().tolist():
         value = values[i]
         above = values[i + 1] if i + 1 < len(values) else value + 1.0
         members = (flat == value).nonzero().flatten()
+        members = members[torch.argsort(where[members], stable=True)]  # the second key first: sorts are stable
         members = members[torch.argsort(beta[members], stable=True)]
         out[members] = value + (above - value) / len(members) * torch.arange(len(members), dtype=torch.float64)
     return dict(zip(ids, torch.split(out, [len(scores[g]) for g in ids])))
 
 
-def all_gammas(graph: ChannelGraph, model: nn.Module) -> torch.Tensor:
-    """|γ| of every BatchNorm entry in a prunable group: the population a ``percent`` ranks."""
+def _position_in_layer(group: ChannelGroup) -> torch.Tensor:
+    """Each channel's place in its block, in [0, 1): equal shares of every layer come first."""
+    per_block = group.size // group.blocks
+    return (torch.arange(group.size) % per_block).double() / per_block
+
+
+def _entries(graph: ChannelGraph, model: nn.Module, scores: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Per scored group, the |γ| of every norm entry of each channel, ``(size, entries per channel)``: the
+    population a ``percent`` counts (the paper ranks every BatchNorm entry, as many as there are norms)."""
     modules = dict(model.named_modules())
-    names = sorted({ref.module for g in graph.groups if g.prunable for ref in g.norms})
-    values = [modules[n].weight.detach().abs().float().flatten().cpu() for n in names
-              if getattr(modules[n], "weight", None) is not None]
-    return torch.cat(values) if values else torch.empty(0)
+    out = {}
+    for gid in scores:
+        group = graph.groups[gid]
+        out[gid] = torch.cat([_norm_entries(modules[ref.module].weight.detach().abs(), ref, group)
+                              for ref in group.norms if getattr(modules[ref.module], "weight", None) is not None], 1)
+    return out
+
+
+def _norm_entries(param: torch.Tensor, ref, group: ChannelGroup) -> torch.Tensor:
+    """A norm's parameter as ``(channels of group, mult)``."""
+    return param.float().flatten()[ref.offset: ref.offset + group.size * ref.mult].view(group.size, ref.mult).cpu()
+
+
+def frozen_gamma(norm: nn.Module) -> str | None:
+    """Why a norm's γ never gets a sparsity step (``requires_grad=False``, or a buffer as in
+    FrozenBatchNorm2d), or None when it trains (or there is no γ)."""
+    weight = getattr(norm, "weight", None)
+    if weight is None:
+        return None
+    if not isinstance(weight, nn.Parameter):
+        return f"{type(norm).__name__}: a buffer"
+    return None if weight.requires_grad else "requires_grad=False"
+
+
+def mark_frozen(graph: ChannelGraph, model: nn.Module, cut_frozen: bool = False) -> ChannelGraph:
+    """Keep whole every group one of whose norms has a frozen γ (``frozen_gamma``), unless ``cut_frozen``.
+
+    Such a γ was never sparsity-trained (a detector's frozen stages: mmdet's ``frozen_stages``,
+    torchvision's ``trainable_backbone_layers``, FrozenBatchNorm2d): ranked with trained ones, its
+    layer would be cut on its pretrained values, silently. Marks the graph in place like
+    ``restrict_to`` (so reach, budget and decide see the same groups), adds one warning per reason to
+    ``graph.warnings`` naming the groups, and returns the graph. Marking twice changes nothing.
+    """
+    if cut_frozen:
+        return graph
+    modules = dict(model.named_modules())
+    held: dict[str, list[str]] = {}
+    for group in graph.groups:
+        if not group.prunable:  # already kept whole, with its own reason
+            continue
+        for why in sorted({why for ref in group.norms if (why := frozen_gamma(modules[ref.module]))}):
+            reason = f"γ frozen ({why}): never sparsity-trained; pass cut_frozen=True to rank it anyway"
+            group.frozen_by.append(reason)
+            held.setdefault(reason, []).append(group.describe())
+    for reason, names in held.items():
+        graph.warnings.append(f"{len(names)} channel group(s) kept whole ({_groups(names, 6)}): {reason}")
+    return graph
+
+
+def _groups(names: list[str], limit: int) -> str:
+    """Groups by their layers, ``;`` between groups (a group's own layers are listed with ``,``)."""
+    more = f" (+{len(names) - limit} more groups)" if len(names) > limit else ""
+    return "; ".join(names[:limit]) + more
 
 
 def restrict_to(graph: ChannelGraph, within) -> ChannelGraph:
@@ -186,21 +252,67 @@ def restrict_to(graph: ChannelGraph, within) -> ChannelGraph:
     return graph
 
 
-def threshold_for_percent(gammas: torch.Tensor, percent: float) -> float:
-    """The |γ| at or below which at most ``percent`` of all entries lie: the paper's global ranking.
+def why_nothing_cut(graph: ChannelGraph, model: nn.Module, min_channels: int) -> str:
+    """Why a cut on ``graph`` (marked as the cut saw it) removes no channel, and what to change: the
+    groups kept whole, by kind of reason, and the groups it can rank, held at ``min_channels``."""
+    held = [g for g in graph.groups if g.norms and g.frozen_by]
+    frozen = [g for g in held if any(r.startswith("γ frozen") for r in g.frozen_by)]
+    other = [g for g in held if g not in frozen]
+    ranked = group_scores(graph, model)
+    parts = []
+    if frozen:
+        parts.append(f"{len(frozen)} channel group(s) have a frozen γ ({_groups([g.describe() for g in frozen], 3)}): "
+                     "pass cut_frozen=True to rank them")
+    if other:
+        more = f" (+{len(other) - 1} more)" if len(other) > 1 else ""
+        parts.append(f"{len(other)} group(s) are kept whole ({other[0].describe()}: {other[0].frozen_by[0]}{more})")
+    if ranked:
+        parts.append(f"the {len(ranked)} group(s) it can rank stay at min_channels={min_channels} or above "
+                     "(lower min_channels)")
+    elif not held:
+        parts.append("no channel group has a norm with a γ to rank it by")
+    return "; ".join(parts)
 
-    Channels are kept when |γ| > threshold. ``percent=0`` prunes nothing (the paper's
-    ``sorted[int(n*p)]`` would still drop the smallest), and ties never push the cut past ``percent``:
-    if the k-th and (k+1)-th smallest are equal, the threshold drops below the tie.
+
+def threshold_for_percent(gammas: torch.Tensor, percent: float) -> float:
+    """The |γ| of the k-th smallest entry, k = ⌊n · percent⌋: the paper's global ranking (Liu et al.).
+
+    Channels are kept when |γ| > threshold. ``percent=0`` prunes nothing (-inf; the paper's
+    ``sorted[int(n*p)]`` would still drop the smallest). A tie running across the k-th entry would cut
+    past ``percent`` at this threshold: ``decide`` splits such a tie instead (``_percent_cutoff``).
     """
     k = int(len(gammas) * percent)
-    if k == 0 or len(gammas) == 0:
+    if k == 0:
         return -math.inf
-    ordered = torch.sort(gammas).values
-    if k < len(ordered) and ordered[k] == ordered[k - 1]:
-        below = ordered[ordered < ordered[k - 1]]
-        return float(below[-1]) if len(below) else -math.inf
-    return float(ordered[k - 1])
+    return float(torch.kthvalue(gammas.float().cpu(), k).values)
+
+
+def _percent_cutoff(graph: ChannelGraph, model: nn.Module, plain: dict[int, torch.Tensor],
+                    percent: float) -> tuple[float, dict[int, torch.Tensor] | None]:
+    """Where ``percent`` cuts: ``(threshold, None)`` when its k-th entry ends a run of equal |γ|, else
+    ``(cut-off, tie-broken scores)``: the tie across the k-th entry is split, lowest β first, taking as
+    many of its channels as fit in ``percent`` (never more).
+
+    Dropping below such a tie (the old rule) cut nothing at all when most γ are equal: all 0 after the λ
+    controller or polarization's clamp, all 1 in a fresh model.
+    """
+    entries = _entries(graph, model, plain)
+    flat = torch.cat([e.flatten() for e in entries.values()]) if entries else torch.empty(0)
+    value = threshold_for_percent(flat, percent)
+    k = int(len(flat) * percent)
+    if k == 0 or int((flat <= value).sum()) == k:
+        return value, None  # the cut ends between distinct |γ|: a plain threshold is exact
+    room = k - int((flat < value).sum())  # entries of the tie that still fit in percent
+    broken = tie_broken(plain, graph, model)
+    ids = list(plain)
+    tied = torch.cat([plain[g] == value for g in ids])  # channels whose score is the tied |γ|
+    score = torch.cat([broken[g] for g in ids])[tied]
+    at = torch.cat([(entries[g] == value).sum(1) for g in ids])[tied]  # their entries in the tie
+    order = torch.argsort(score)
+    fits = int((torch.cumsum(at[order], 0) <= room).sum())
+    # tie-broken scores of the tie start at `value` and of lower |γ| stay below it
+    cutoff = float(score[order][fits - 1]) if fits else math.nextafter(value, -math.inf)
+    return cutoff, broken
 
 
 def _keep_count(n_strong: int, size: int, min_channels: int, round_to: int, blocks: int = 1) -> int:
@@ -234,20 +346,47 @@ def decide(
 ) -> PlanDecision:
     """Turn |γ| and a policy into a plan. ``thresh`` wins over ``percent`` when both are given.
 
-    ``tie_break``: rank by ``tie_broken`` scores (a FLOPs budget's thresholds, which come from them)."""
+    ``tie_break``: ``thresh`` is on ``tie_broken`` scores (a FLOPs budget's thresholds come from them);
+    a ``percent`` whose cut ends inside a tie splits it the same way. Then the threshold reported is the
+    largest |γ| actually cut, and ``split_tie`` says when ``thresh=`` that would not give this plan."""
     if thresh is None and percent is None:
         raise ValueError("give prune thresh=… (absolute |γ| threshold) or percent=… (fraction of channels)")
     if thresh is not None and not (thresh >= 0):  # also catches NaN
         raise ValueError(f"prune thresh must be a number >= 0, got {thresh}")
     if percent is not None and not (0 <= percent < 1):
         raise ValueError(f"prune percent must be in [0, 1), got {percent}")
-    scores = plain = group_scores(graph, model)
-    if tie_break:
-        scores = tie_broken(plain, graph, model)
     policy = {"thresh": thresh, "percent": None if thresh is not None else percent,
               "min_channels": min_channels, "round_to": round_to}
+    scores = plain = group_scores(graph, model)
     if thresh is None:
-        thresh = threshold_for_percent(all_gammas(graph, model), percent)
+        thresh, broken = _percent_cutoff(graph, model, plain, percent)
+        tie_break, scores = broken is not None, plain if broken is None else broken
+    elif tie_break:
+        scores = tie_broken(plain, graph, model)
+    kept, floored = _kept(graph, scores, thresh, min_channels, round_to)
+    split = None
+    if tie_break:  # a tie-broken score is no γ a user could pass: report the largest |γ| cut
+        thresh = _largest_cut(plain, scores, kept, thresh)
+        again, again_floored = _kept(graph, plain, thresh, min_channels, round_to)
+        split = _split_tie(plain, kept, again)
+        floored = floored if split else again_floored  # floors as `thresh=` sees them, when it is the same cut
+    if floored:
+        warnings.warn(
+            f"prune: {len(floored)} layer group(s) had fewer than min_channels={min_channels} channels "
+            f"above |γ| > {thresh:.4g} and keep their strongest {min_channels}: " + "; ".join(floored),
+            stacklevel=2,
+        )
+        if len(floored) == len(scores):
+            warnings.warn(f"prune: threshold {thresh:.4g} is above every |γ| in the network: it removed "
+                          "everything it could and every layer is at min_channels", stacklevel=2)
+    plan = plan_for(graph, kept, threshold=thresh, policy=policy)
+    return PlanDecision(plan=plan, threshold=thresh, kept=kept, floored=floored, split_tie=split)
+
+
+def _kept(graph: ChannelGraph, scores: dict[int, torch.Tensor], thresh: float, min_channels: int,
+          round_to: int) -> tuple[dict[int, torch.Tensor], list[str]]:
+    """Each cut group's kept channels (the strongest, in original order; groups kept whole are absent),
+    and the groups ``min_channels`` held above what ``thresh`` asked."""
     counts, floored = {}, []
     for gid, score in scores.items():
         blocks = graph.groups[gid].blocks
@@ -259,24 +398,44 @@ def decide(
         if counts[gid] > n_need and n_strong < min(min_channels, len(score)):
             floored.append(graph.groups[gid].describe())
     counts = _tied_counts(graph, counts, round_to)
-    kept = {gid: _strongest(scores[gid], n, graph.groups[gid].blocks)  # the strongest n, in original order
+    kept = {gid: _strongest(scores[gid], n, graph.groups[gid].blocks)
             for gid, n in counts.items() if n < len(scores[gid])}
-    if tie_break and thresh is not None and thresh > -math.inf:
-        # report a real |γ|: the largest a cut channel had (a tie-broken score is no γ a user could pass)
-        under = [plain[g][scores[g] <= thresh] for g in scores]
-        under = torch.cat(under) if under else torch.empty(0)
-        thresh = float(under.max()) if len(under) else thresh
-    if floored:
-        warnings.warn(
-            f"prune: {len(floored)} layer group(s) had fewer than min_channels={min_channels} channels "
-            f"above |γ| > {thresh:.4g} and keep their strongest {min_channels}: " + "; ".join(floored),
-            stacklevel=2,
-        )
-        if len(floored) == len(scores):
-            warnings.warn(f"prune: threshold {thresh:.4g} is above every |γ| in the network: it removed "
-                          "everything it could and every layer is at min_channels", stacklevel=2)
-    plan = plan_for(graph, kept, threshold=thresh, policy=policy)
-    return PlanDecision(plan=plan, threshold=thresh, kept=kept, floored=floored)
+    return kept, floored
+
+
+def _removed(kept: dict[int, torch.Tensor], gid: int, size: int) -> torch.Tensor:
+    """A group's channels the cut removes, as a mask (none when the group is kept whole)."""
+    mask = torch.zeros(size, dtype=torch.bool)
+    if gid in kept:
+        mask[:] = True
+        mask[kept[gid]] = False
+    return mask
+
+
+def _largest_cut(plain: dict[int, torch.Tensor], scores: dict[int, torch.Tensor], kept: dict[int, torch.Tensor],
+                 cutoff: float) -> float:
+    """The largest |γ| among the channels actually removed: not one ``min_channels`` kept, whose γ passed
+    back as ``thresh=`` would cut the whole tie it sits in. With nothing removed, the largest under the
+    cut-off (-inf when there is none)."""
+    cut = [plain[g][_removed(kept, g, len(plain[g]))] for g in kept]
+    if cut and len(values := torch.cat(cut)):
+        return float(values.max())
+    under = [plain[g][scores[g] <= cutoff] for g in scores]
+    under = torch.cat(under) if under else torch.empty(0)
+    return float(under.max()) if len(under) else -math.inf
+
+
+def _split_tie(plain: dict[int, torch.Tensor], kept: dict[int, torch.Tensor],
+               again: dict[int, torch.Tensor]) -> tuple[int, float] | None:
+    """None when ``again`` (the plan of the reported threshold, without tie-breaking) is ``kept``; else
+    ``(channels, |γ|)`` of the tie the cut split by β, which a threshold cuts whole or not at all."""
+    differ = [plain[g][_removed(kept, g, len(plain[g])) ^ _removed(again, g, len(plain[g]))]
+              for g in set(kept) | set(again)]
+    differ = torch.cat(differ) if differ else torch.empty(0)
+    if not len(differ):
+        return None
+    value = differ.max()
+    return int(sum(int((s == value).sum()) for s in plain.values())), float(value)
 
 
 def _tied_counts(graph: ChannelGraph, counts: dict[int, int], round_to: int) -> dict[int, int]:
@@ -374,4 +533,5 @@ def groups_summary(graph: ChannelGraph, kept: dict[int, torch.Tensor]) -> list[d
     return rows
 
 
-__all__ = ["ChannelGroup", "PlanDecision", "PrunePlan", "decide", "group_scores", "plan_for", "threshold_for_percent"]
+__all__ = ["ChannelGroup", "PlanDecision", "PrunePlan", "decide", "group_scores", "mark_frozen", "plan_for",
+           "restrict_to", "threshold_for_percent", "why_nothing_cut"]

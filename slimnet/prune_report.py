@@ -15,7 +15,11 @@ class PruneReport:
     Attributes:
         flops_before, flops_after: FLOPs of one forward pass on a batch of one (2 × MACs).
         params_before, params_after: parameter counts.
-        threshold: the |γ| threshold used (None when the plan did not come from |γ|).
+        threshold: the |γ| threshold used: the largest |γ| cut when the policy was ``percent`` or
+            ``target_flops`` (None when the plan did not come from |γ|).
+        threshold_reproduces: whether ``prune(model, x, thresh=threshold)`` on the same model gives the
+            very same plan: False when the cut split a tie of equal |γ| by β (the warnings say which
+            tie and which policy reproduces it); None without a threshold.
         channels: module name -> ``[before, after]`` for every layer whose width changed.
         groups: one summary per channel group (its layers, size, kept count, whether it could be cut).
         floored: layers kept at ``min_channels`` although more of their |γ| were under the threshold.
@@ -34,6 +38,7 @@ class PruneReport:
     params_before: int
     params_after: int
     threshold: float | None = None
+    threshold_reproduces: bool | None = None
     channels: dict[str, list[int]] = field(default_factory=dict)
     groups: list[dict] = field(default_factory=list)
     floored: list[str] = field(default_factory=list)

@@ -10,6 +10,9 @@ norm). The shares are:
   train-mode graph, so auxiliary heads count). An upper bound on what a cut can remove.
 
 Every frozen group holding a norm is listed with its reason; ``trace_channel_groups`` warns about each.
+Groups whose norms have a frozen γ (``requires_grad=False``, FrozenBatchNorm2d) are out of reach too,
+as ``prune`` keeps them whole unless ``cut_frozen=True`` (``plan.mark_frozen``): they were never
+sparsity-trained.
 
 Knows nothing of Lightning or Hydra.
 """
@@ -22,6 +25,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from slimnet.graph import ChannelGraph, trace_channel_groups
+from slimnet.plan import mark_frozen
 
 
 @dataclass
@@ -45,8 +49,12 @@ class Reach:
         return "\n".join(lines)
 
 
-def reach_of(graph: ChannelGraph) -> Reach:
-    """:class:`Reach` of an already traced graph."""
+def reach_of(graph: ChannelGraph, model: nn.Module | None = None, *, cut_frozen: bool = False) -> Reach:
+    """:class:`Reach` of an already traced graph. Give the ``model`` (or a graph ``plan.mark_frozen``
+    already marked) for groups with a frozen γ to count as out of reach, as ``prune`` keeps them whole;
+    the marking's warnings are added to ``graph.warnings``."""
+    if model is not None:
+        mark_frozen(graph, model, cut_frozen)
     bn_total = bn_reach = 0
     for group in graph.groups:
         entries = sum(group.size * ref.mult for ref in group.norms)
@@ -64,7 +72,7 @@ def reach_of(graph: ChannelGraph) -> Reach:
                  bn_channels_total=bn_total, flops_total=flops_total, frozen=frozen)
 
 
-def reach(model: nn.Module, example_inputs, leaf_modules=()) -> Reach:
+def reach(model: nn.Module, example_inputs, leaf_modules=(), *, cut_frozen: bool = False) -> Reach:
     """Trace ``model`` and say how much of it surgery can cut, before anything is trained.
 
     Example::
@@ -73,10 +81,11 @@ def reach(model: nn.Module, example_inputs, leaf_modules=()) -> Reach:
         print(r)            # shares, then one line per group kept whole, with its reason
         r.to_dict()         # for results.json
 
-    The trace warns once per frozen group that holds a norm (and per unknown op); those warnings are
-    the same facts as ``Reach.frozen``.
+    The trace warns once per frozen group that holds a norm (and per unknown op), and once per kind of
+    frozen γ (``cut_frozen=True``: counted as ``prune(..., cut_frozen=True)`` would cut them); those
+    warnings are the same facts as ``Reach.frozen``.
     """
-    graph = trace_channel_groups(model, example_inputs, leaf_modules)
+    graph = mark_frozen(trace_channel_groups(model, example_inputs, leaf_modules), model, cut_frozen)
     for message in graph.warnings:
         warnings.warn(f"reach: {message}", stacklevel=2)
     return reach_of(graph)

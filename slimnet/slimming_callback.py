@@ -1,36 +1,32 @@
 """``SlimmingCallback``: cut any LightningModule's network for real at an epoch, and keep training.
 
-What it needs from the module is what Lightning already asks of every module: ``configure_optimizers``
-(re-run over the cut parameters) and ``example_input_array`` (or an ``example_input=`` argument).
-The plan it cut by travels in its own checkpoint state and is replayed in ``setup``, before Lightning
-loads the weights, so ``Trainer.fit(ckpt_path=…)`` resumes a cut run at the cut widths.
+What it needs from the module is what Lightning already asks of every module: ``example_input_array``
+(or an ``example_input=`` argument), and ``configure_optimizers`` only when asked to restart the schedule.
+By default the module's own optimizers are pointed at the cut parameters in place, with their state,
+so the schedules stepping them go on where they were. The plan it cut by travels in its own checkpoint
+state and is replayed in ``setup``, before Lightning loads the weights, so ``Trainer.fit(ckpt_path=…)``
+resumes a cut run at the cut widths.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
-from pytorch_lightning.strategies import DDPStrategy
+from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
 from pytorch_lightning.utilities import rank_zero_only
 
-from slimnet.api import prune
-from slimnet.checkpoint import PLAN_KEY, Slimmable
-from slimnet.graph import trace_channel_groups
-from slimnet.optim_state import carry_optimizer_state
+from slimnet.checkpoint import Slimmable
+from slimnet.core import Slimming
 from slimnet.plan import PrunePlan
 from slimnet.submodule import resolve_submodule, submodule_input
-from slimnet.surgery import replay_plan
 
 log = logging.getLogger(__name__)
 
-_FOLD_SAMPLES = 256            # inputs β folding averages the removed channels' outputs over
-_FOLD_BYTES = 16 * 2**20       # ... at most this much of them (a detector's images are large)
 
 
 class SlimmingCallback(Callback):
@@ -39,10 +35,15 @@ class SlimmingCallback(Callback):
     At that epoch it ranks every BatchNorm channel of the module (or of the sub-module ``module``) by
     |γ| across the whole network, keeps those above ``thresh`` (or prunes the weakest ``percent``, or
     cuts down to ``target_flops`` of the FLOPs), never fewer than ``min_channels`` per layer, and removes
-    the rest from the producing convs, the norms and every consumer. Then it re-runs the module's own
-    ``configure_optimizers`` over the cut parameters (optionally carrying momentum and Adam moments of
-    the surviving channels over), re-wraps DDP, and restarts "best" checkpoint ranking (a checkpoint
-    from before the cut describes another architecture).
+    the rest from the producing convs, the norms and every consumer. Then the module's optimizers hold
+    the cut parameters, with the momentum and Adam moments of the surviving channels, and their
+    schedules go on where they were (``restart_schedule=True`` re-runs ``configure_optimizers``
+    instead); DDP is re-wrapped, and "best" checkpoint ranking restarts (a checkpoint from before the
+    cut describes another architecture). The cut is logged (FLOPs before and after, the threshold,
+    ``evaluate``'s value) and its report kept in ``self.report``.
+
+    Norms whose γ is frozen (``requires_grad=False``: a detector's frozen stages, FrozenBatchNorm2d) were
+    never sparsity-trained: their groups are kept whole and named, unless ``cut_frozen=True``.
 
     Args:
         epoch: epoch at whose start the cut happens (the sparse phase is ``[0, epoch)``).
@@ -58,9 +59,14 @@ class SlimmingCallback(Callback):
         round_to: keep channel counts a multiple of this, rounding up.
         fold_bias: fold the constant output of removed channels (act(β) when γ → 0) into the bias of
             the layers reading them, averaged over the inputs the sub-module saw in the last validation
-            (else training) epoch before the cut.
-        carry_optimizer_state: give the rebuilt optimizers the state (momentum, Adam moments, steps)
-            of the surviving channels instead of starting them fresh.
+            (else training) epoch before the cut. Only per-feature statistics of those inputs are kept
+            (in checkpoints too, until the cut), never the samples.
+        restart_schedule: re-run the module's ``configure_optimizers`` after the cut (new optimizers and
+            schedules from step 0, e.g. a fine-tune phase with its own learning rate) instead of
+            carrying the optimizers and their schedules over the cut.
+        carry_optimizer_state: keep the state (momentum, Adam moments, steps) of the surviving
+            channels; False starts the optimizer state afresh.
+        cut_frozen: rank and cut norms whose γ does not require grad, as if they had been trained.
         evaluate: called as ``evaluate(trainer, pl_module)`` right after the cut; its float or dict
             of floats goes into the report (e.g. accuracy before any fine-tuning).
         leaf_modules: module classes traced as black boxes.
@@ -71,8 +77,10 @@ class SlimmingCallback(Callback):
             (dotted names relative to it); the layers outside that read them lose the same channels.
 
     Raises:
-        ValueError: no policy, or thresh with target_flops; at fit start an epoch past the end, an
-            unknown ``module``, no example input, or a network with nothing to cut.
+        ValueError: no policy, or thresh with target_flops; before training an epoch past the end, an
+            unknown ``module``, no example input, a network with nothing to cut, or a strategy whose
+            parameters the callback cannot replace (FSDP, DeepSpeed: use DDP or one device).
+        slimnet.errors.NothingCutError: at the cut, a ``percent`` or ``target_flops`` that removes nothing.
 
     Example::
 
@@ -85,47 +93,39 @@ class SlimmingCallback(Callback):
     def __init__(self, epoch: int, thresh: float | None = None, percent: float | None = None,
                  target_flops: float | None = None, module: str | None = None, example_input=None,
                  module_input: bool = False, min_channels: int = 1, round_to: int = 1, fold_bias: bool = True,
-                 carry_optimizer_state: bool = False, evaluate=None, leaf_modules=(), save_sparse: bool = False,
-                 on_sparse_saved=None, within=None):
-        if thresh is None and percent is None and target_flops is None:
-            raise ValueError("SlimmingCallback needs thresh=…, percent=… or target_flops=…")
-        if thresh is not None and target_flops is not None:
-            raise ValueError("give SlimmingCallback thresh or target_flops, not both")
-        if not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"SlimmingCallback: epoch={epoch!r} must be an integer >= 0")
-        if percent is not None and not 0 <= percent < 1:
-            raise ValueError(f"SlimmingCallback: percent={percent} must be in [0, 1)")
-        if target_flops is not None and not 0 < target_flops <= 1:
-            raise ValueError(f"SlimmingCallback: target_flops={target_flops} must be in (0, 1]")
-        if min_channels < 1:
-            raise ValueError(f"SlimmingCallback: min_channels={min_channels} must be >= 1")
+                 restart_schedule: bool = False, carry_optimizer_state: bool = True, cut_frozen: bool = False,
+                 evaluate=None, leaf_modules=(), save_sparse: bool = False, on_sparse_saved=None, within=None):
+        self.core = Slimming(epoch, thresh, percent, target_flops, min_channels=min_channels, round_to=round_to,
+                             fold_bias=fold_bias, carry_optimizer_state=carry_optimizer_state, cut_frozen=cut_frozen,
+                             leaf_modules=leaf_modules, within=within, where="SlimmingCallback")
         self.epoch = epoch
-        self.thresh, self.target_flops = thresh, target_flops
-        self.percent = None if thresh is not None or target_flops is not None else percent
         self.module, self.example_input, self.module_input = module, example_input, module_input
-        self.min_channels, self.round_to, self.fold_bias = min_channels, round_to, fold_bias
-        self.carry_optimizer_state, self.evaluate, self.leaf_modules = carry_optimizer_state, evaluate, leaf_modules
+        self.restart_schedule, self.evaluate = restart_schedule, evaluate
         self.save_sparse, self.on_sparse_saved = save_sparse, on_sparse_saved
-        self.within = within
-        self.done = False
         self.report: dict | None = None
-        self.plan: PrunePlan | None = None
-        self._inputs: tuple | None = None         # the sub-module's example input (batch of one is enough)
-        self._fold_inputs: torch.Tensor | None = None  # real inputs recorded before the cut
-        self._recording: list[torch.Tensor] | None = None
-        self._hook = None
+        self._inputs: tuple | None = None  # the sub-module's example input (batch of one is enough)
+
+    @property
+    def done(self) -> bool:
+        return self.core.done
+
+    @property
+    def plan(self) -> PrunePlan | None:
+        return self.core.plan
+
+    @property
+    def policy(self) -> str:
+        return self.core.policy
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(module=self.module)
 
-    @property
-    def policy(self) -> str:
-        return "thresh" if self.thresh is not None else "target_flops" if self.target_flops is not None else "percent"
-
     # -- set-up: replay a saved cut, find the example input, fail before training ------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._target(pl_module)  # a wrong name fails now
+        if stage == "fit":
+            _check_strategy(trainer.strategy)
         self._replay_before_weights_load(pl_module)
         if stage == "fit":
             self._inputs = self._example(pl_module)
@@ -139,10 +139,7 @@ class SlimmingCallback(Callback):
         original = pl_module.on_load_checkpoint
 
         def on_load_checkpoint(checkpoint: dict) -> None:
-            state = (checkpoint.get("callbacks") or {}).get(self.state_key) or {}
-            target = self._target(pl_module)
-            if state.get(PLAN_KEY) and getattr(target, "slimnet_plan", None) is None:
-                replay_plan(target, PrunePlan.from_json(state[PLAN_KEY]))
+            self.core.replay(self._target(pl_module), (checkpoint.get("callbacks") or {}).get(self.state_key) or {})
             original(checkpoint)
 
         on_load_checkpoint._slimnet_replay = self
@@ -177,60 +174,30 @@ class SlimmingCallback(Callback):
         return submodule_input(pl_module, self.module, example, "SlimmingCallback")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.epoch >= trainer.max_epochs >= 0:
-            raise ValueError(f"SlimmingCallback: epoch={self.epoch} is not before trainer.max_epochs="
-                             f"{trainer.max_epochs}: the model would never be cut; lower it or train longer")
+        _make_visible(log)
+        self.core.check(trainer.max_epochs)
         if self.done:  # resumed after the cut: keep naming this phase's checkpoints as such
             self._new_checkpoint_phase(trainer, reset=False)
             return
-        target = self._target(pl_module)
         self._inputs = _to(self._inputs, pl_module.device)  # recorded in setup, before the model moved
-        graph = trace_channel_groups(target, self._inputs, self.leaf_modules)  # TraceError says why and how on
-        if not any(group.prunable for group in graph.groups):
-            raise ValueError(f"SlimmingCallback: {self.module or type(pl_module).__name__} has no channel group "
-                             "that can be cut (" + ("; ".join(graph.warnings[:3]) or "no BatchNorm") + ")")
+        self.core.check_cuttable(self._target(pl_module), self._inputs, self.module or type(pl_module).__name__)
         if not isinstance(pl_module, Slimmable) and trainer.is_global_zero:
             log.info("%s.load_from_checkpoint cannot know of the cut: load cut checkpoints with "
                      "slimnet.load_checkpoint(path, %s), or add slimnet.Slimmable to its bases",
                      type(pl_module).__name__, type(pl_module).__name__)
 
-    # -- recording real inputs for β folding --------------------------------------------------------
+    # -- recording what β folding needs from real inputs ---------------------------------------------
     def _recording_epoch(self, trainer) -> bool:
-        return not self.done and self.fold_bias and trainer.current_epoch == self.epoch - 1
+        return self.core.records(trainer.current_epoch, self._inputs)
 
     def _start_recording(self, pl_module) -> None:
-        self._stop_recording()
-        self._recording = []
-        target = self._fed(pl_module)
-
-        def record(module, inputs):
-            x = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
-            held = sum(len(t) for t in self._recording)
-            if x is None or x.dim() == 0 or held >= _FOLD_SAMPLES:
-                return
-            if self._recording and x.shape[1:] != self._recording[0].shape[1:]:
-                return  # another size (a detector's batches differ): keep one shape to concatenate
-            per_sample = max(x[:1].numel() * x.element_size(), 1)
-            room = min(_FOLD_SAMPLES - held, _FOLD_BYTES // per_sample - held)
-            if room > 0:
-                self._recording.append(x[:room].detach().to("cpu", copy=True))
-
-        self._hook = target.register_forward_pre_hook(record)
-
-    def _stop_recording(self, keep: bool = False) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-        if keep and self._recording:
-            self._fold_inputs = torch.cat(self._recording).contiguous()
-        self._recording = None
+        self.core.record(self._target(pl_module), self._fed(pl_module))
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._recording_epoch(trainer):  # training inputs, unless a validation pass follows
             self._start_recording(pl_module)
-        if self.done or trainer.current_epoch < self.epoch:
+        if not self.core.due(trainer.current_epoch):
             return
-        self._stop_recording()
         # The last validation before the cut (the sparse model), beside the after-cut evaluation below.
         before = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/") and v.numel() == 1}
         if not before and self.evaluate is not None:  # resumed at the cut (a shared sparse phase): measure it
@@ -239,23 +206,21 @@ class SlimmingCallback(Callback):
         self.report = self._cut(trainer, pl_module)
         self.report["val_before_cut"] = before
         self.report["surgery_seconds"] = time.perf_counter() - start
-        self.done = True
         if self.evaluate is not None:
             self.report["after_cut"] = self.evaluate(trainer, pl_module)
         self._log_report(trainer)
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         if self._recording_epoch(trainer) and not trainer.sanity_checking:
-            self._stop_recording(keep=True)  # the training inputs, in case validation sees fewer
+            self.core.stop(keep=True)  # the training inputs, in case validation sees fewer
             self._start_recording(pl_module)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if self._recording is not None and not trainer.sanity_checking:
-            self._stop_recording(keep=True)
+        if not trainer.sanity_checking:
+            self.core.stop(keep=True)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._recording is not None:
-            self._stop_recording(keep=True)
+        self.core.stop(keep=True)
         if self.save_sparse and not self.done and trainer.current_epoch == self.epoch - 1:
             path = self._save_sparse(trainer)
             if path is not None and self.on_sparse_saved is not None and trainer.is_global_zero:
@@ -264,27 +229,19 @@ class SlimmingCallback(Callback):
     # -- the cut ------------------------------------------------------------------------------------
     def _cut(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
         target = self._target(pl_module)
-        inputs = _to(self._inputs, pl_module.device)
-        if self._fold_inputs is not None and len(inputs) == 1:
-            inputs = (self._fold_inputs.to(pl_module.device),)
-        policy = {self.policy: getattr(self, self.policy)}
         old_optimizers = list(trainer.optimizers)
-        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            report = prune(target, inputs, min_channels=self.min_channels, round_to=self.round_to,
-                           fold_bias=self.fold_bias, leaf_modules=self.leaf_modules, within=self.within,
-                           **policy)
-        for w in caught:  # through logging, so they reach the run log, once each
-            log.warning(str(w.message))
-        self.plan = target.slimnet_plan
+        report, messages = self.core.cut(target, _to(self._inputs, pl_module.device),
+                                         None if self.restart_schedule else old_optimizers)
+        for message in messages:  # through logging, so they reach the run log, once each
+            log.warning(message)
         self._check_ranks_agree(trainer)
-        self._rebuild_training_state(trainer)
-        if self.carry_optimizer_state:
-            for old, new in zip(old_optimizers, trainer.optimizers):
-                carry_optimizer_state(old, new, target, report)
+        self._rewrap(trainer)
+        if self.restart_schedule:  # the module's own configure_optimizers, schedules from step 0
+            trainer.strategy.setup_optimizers(trainer)
+            self.core.carry_into(old_optimizers, trainer.optimizers, target, report)
         self._new_checkpoint_phase(trainer)
         out = report.to_dict()
-        out.update(warnings=[str(w.message) for w in caught], policy=self.policy, module=self.module)
+        out.update(warnings=messages, policy=self.policy, module=self.module)
         return out
 
     def _check_ranks_agree(self, trainer) -> None:
@@ -297,14 +254,13 @@ class SlimmingCallback(Callback):
                                "had diverged before surgery (check custom callbacks that change the model)")
 
     @staticmethod
-    def _rebuild_training_state(trainer) -> None:
-        """New parameters need new optimizers and schedules (the module's own configure_optimizers), and
-        DDP a new wrapper: without it ranks would silently stop averaging gradients and diverge."""
+    def _rewrap(trainer) -> None:
+        """DDP needs a new wrapper around the cut module: without it ranks would silently stop averaging
+        gradients and diverge."""
         strategy = trainer.strategy
         if isinstance(strategy, DDPStrategy):
             strategy.model = strategy.lightning_module
             strategy.configure_ddp()  # wraps the cut module, broadcasting rank 0's weights
-        strategy.setup_optimizers(trainer)
 
     @staticmethod
     def _new_checkpoint_phase(trainer, reset: bool = True) -> None:
@@ -329,15 +285,11 @@ class SlimmingCallback(Callback):
 
     # -- state --------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"done": self.done, "report": self.report, "module": self.module,
-                PLAN_KEY: self.plan.to_json() if self.plan is not None else "",
-                "fold_inputs": self._fold_inputs}
+        return {**self.core.state_dict(), "report": self.report, "module": self.module}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.done = state_dict.get("done", False)
+        self.core.load_state_dict(state_dict)
         self.report = state_dict.get("report")
-        self.plan = PrunePlan.from_json(state_dict[PLAN_KEY]) if state_dict.get(PLAN_KEY) else None
-        self._fold_inputs = state_dict.get("fold_inputs")
 
     @rank_zero_only
     def _log_report(self, trainer) -> None:
@@ -360,3 +312,24 @@ class SlimmingCallback(Callback):
 
 def _to(inputs: tuple, device: torch.device) -> tuple:
     return tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs)
+
+
+def _check_strategy(strategy) -> None:
+    """Surgery replaces parameters: a strategy that shards or owns them (FSDP, DeepSpeed) would keep
+    training the old ones, or fail somewhere deep. One device and DDP (any start method) are supported."""
+    if isinstance(strategy, SingleDeviceStrategy) or type(strategy) is DDPStrategy:
+        return
+    name = type(strategy).__name__
+    raise ValueError(f"SlimmingCallback: strategy {name} is not supported (surgery replaces parameters that "
+                     f"{name} shards or wraps); train with strategy='ddp' or on one device")
+
+
+def _make_visible(logger: logging.Logger) -> None:
+    """In a script where nobody set up logging, say the cut on the console, as Lightning says its own
+    lines; where logging is set up (the CLI's Hydra, a user's basicConfig), leave it to that set-up."""
+    if logger.hasHandlers():
+        return
+    package = logging.getLogger("slimnet")
+    package.setLevel(logging.INFO)
+    package.addHandler(logging.StreamHandler())
+    package.propagate = False

@@ -79,7 +79,7 @@ def test_cut_across_the_scope_boundary_is_exact_with_frozen_bn(single_thread, ki
     in_before = {n: _in_width(detector.get_submodule(n)) for n in consumers}
     out_before = {n: _out_width(detector.get_submodule(n)) for n in s.never_cut}
 
-    report = slimnet.prune(trunk, x, thresh=0.0, within=s.within)  # exactly the zeroed channels go
+    report = slimnet.prune(trunk, x, thresh=0.0, within=s.within, cut_frozen=True)  # exactly the zeroed channels go
 
     for norm, n in zeroed.items():  # every zeroed channel was removed, and only those
         assert report.channels[norm] == [report.channels[norm][0], report.channels[norm][0] - n]
@@ -116,7 +116,7 @@ def test_torchvision_fpn_without_norms_keeps_the_fpn_to_heads_channels(single_th
     trunk = DetectorTrunk(detector).eval()
     widths = {n: _out_width(m) for n, m in detector.backbone.fpn.named_modules() if isinstance(m, nn.Conv2d)}
     _zero_random_channels(trunk, *s.trunk_input, s.within)
-    slimnet.prune(trunk, s.trunk_input, thresh=0.0, within=s.within)
+    slimnet.prune(trunk, s.trunk_input, thresh=0.0, within=s.within, cut_frozen=True)
     assert {n: _out_width(m) for n, m in detector.backbone.fpn.named_modules() if isinstance(m, nn.Conv2d)} == widths
     lateral = detector.backbone.fpn.inner_blocks[0][0]  # reads layer2's output: cut with it
     assert lateral.in_channels == detector.backbone.body.layer2[-1].bn2.weight.numel() == 128 - 128 // 3

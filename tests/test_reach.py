@@ -420,7 +420,7 @@ def test_frozen_batchnorm_resnet_backbone_is_cut_exactly():
                 m.weight[dead], m.bias[dead] = 0, 0
     x = torch.randn(1, 3, 32, 32, generator=gen)
     ref = model(x)
-    report = slimnet.prune(model, x, thresh=1e-6, fold_bias=False)
+    report = slimnet.prune(model, x, thresh=1e-6, fold_bias=False, cut_frozen=True)  # γ set by hand, as if trained
     assert model.layer1[0].conv1.out_channels < 64 and model.layer1[0].bn1.weight.shape == (
         model.layer1[0].conv1.out_channels,)
     assert report["params_after"] < report["params_before"]
@@ -436,7 +436,7 @@ def test_frozen_batchnorm_beta_is_folded():
         model[1].weight[:4] = 0  # γ = 0, β > 0: the channel emits the constant relu(β)
         model[1].bias.copy_(torch.linspace(0.1, 0.8, 8))
     ref = model(X)
-    slimnet.prune(model, X, thresh=1e-6)
+    slimnet.prune(model, X, thresh=1e-6, cut_frozen=True)
     assert model[0].out_channels == 4
     torch.testing.assert_close(model(X), ref)  # 1x1 conv, no padding: the fold is exact
 

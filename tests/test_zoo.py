@@ -159,7 +159,7 @@ def test_random_threshold_frozen_twin_two_passes_and_round_to(built):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ShuffleNet's warning is checked above
         report = prune(trainable, x, thresh=thresh, round_to=8)
-        frozen_report = prune(frozen, x, thresh=thresh, round_to=8)
+        frozen_report = prune(frozen, x, thresh=thresh, round_to=8, cut_frozen=True)
 
     # A frozen, eval-mode model is cut exactly like a trainable one, and stays frozen and in eval.
     assert frozen_report["plan"].keep == report["plan"].keep

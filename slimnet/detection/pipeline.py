@@ -112,7 +112,8 @@ def train_detection(cfg: DictConfig, run_dir: str | Path, extra_callbacks=()) ->
         # traced on the detector's trunk, so channels leaving the scope are cut on both sides
         slimming = DetectorSlimmingCallback(epoch=p.epoch, module=scope.detector, example_input=scope.trunk_input,
                                             within=scope.within, min_channels=p.min_channels, round_to=p.round_to,
-                                            fold_bias=p.fold_bias, evaluate=_val_map if p.eval_after_cut else None,
+                                            fold_bias=p.fold_bias, cut_frozen=p.get("cut_frozen", False),
+                                            evaluate=_val_map if p.eval_after_cut else None,
                                             **cut_policy(p))
         callbacks.append(slimming)
     progress, bar = progress_callbacks(cfg.callbacks.progress_bar)

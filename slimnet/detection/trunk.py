@@ -11,6 +11,7 @@ detector: it replays on a freshly built detector and travels in the callback's c
 
     trunk = DetectorTrunk(detector)
     slimnet.prune(trunk, x, percent=0.3, within="backbone.body")  # x: the transformed (1, 3, H, W) image
+    # (a detector on FrozenBatchNorm2d: its γ were never sparsity-trained; cut_frozen=True ranks them anyway)
 
 What the trunk runs, per kind:
 
