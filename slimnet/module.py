@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torchmetrics
@@ -142,13 +143,19 @@ class SlimModule(Slimmable, pl.LightningModule):
         super().on_load_checkpoint(checkpoint)  # Slimmable: the cut widths, before the weights load
         state = checkpoint.get("slimnet", {})
         if self._trainer is not None and state.get("rng"):
-            # Resuming a fit: continue the random streams (shuffling, augmentation) where the
-            # checkpoint left them, so a resumed run retraces an uninterrupted one on CPU.
+            # Resuming a fit: continue the random streams (augmentation, dropout, a user data module's
+            # shuffling) where the checkpoint left them, so a resumed run retraces an uninterrupted one
+            # on CPU. This holds as long as nothing at the start of an epoch draws from them: a resumed
+            # fit starts its first training iterator before the epoch-start hooks, an uninterrupted one
+            # after them (pipeline._val_accuracy, docs/reliability.md).
             _set_rng_state(state["rng"])
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    """The global random streams ``seed_everything`` seeds, in types ``torch.load(weights_only=True)`` reads."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -157,5 +164,8 @@ def _rng_state() -> dict:
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(tuple(s if not isinstance(s, list) else tuple(s) for s in state["python"]))
+    if state.get("numpy"):  # checkpoints before numpy's state was kept leave it as seeded
+        name, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -52,6 +52,8 @@ def cut_policy(p: DictConfig) -> dict:
 
 
 def _val_accuracy(trainer: pl.Trainer, module: SlimModule) -> float | None:
+    """Validation accuracy at the cut (``SlimmingCallback`` runs it with the random streams isolated: a
+    loader's iterator draws a seed, and a run resumed at the cut evaluates once more; docs/reliability.md)."""
     loader = trainer.datamodule.val_dataloader() if trainer.datamodule is not None else None
     return module.accuracy_on(loader) if loader else None
 
@@ -75,13 +77,15 @@ def _callbacks(cfg: DictConfig, run_dir: Path, example_input: torch.Tensor,
         callbacks.append(SparsityCallback(lam=s.lam, lam_after=s.finetune_lam, module="model",
                                           until_epoch=p.epoch if pruning_enabled(cfg) else None,
                                           gamma_init=s.gamma_init, log_stats=True, kind=s.get("kind", "l1"),
-                                          t=s.get("t", 1.2), bound=s.get("bound", 1.0), target=s.get("target"),
+                                          t=s.get("t", 1.4), bound=s.get("bound", 1.0), target=s.get("target"),
                                           eps=s.get("eps", 1e-2)))
     if pruning_enabled(cfg):
         callbacks.append(SlimmingCallback(
             epoch=p.epoch, module="model", example_input=example_input, module_input=True,
             **cut_policy(cfg.prune),
             min_channels=p.min_channels, round_to=p.round_to, fold_bias=p.fold_bias,
+            # the fine-tune phase has its own optimizer and schedule (SlimModule's finetune config)
+            restart_schedule=True, carry_optimizer_state=False, cut_frozen=p.get("cut_frozen", False),
             evaluate=_val_accuracy if p.eval_after_cut else None, save_sparse=True,
             on_sparse_saved=(lambda path: cache.publish(path, run_dir)) if cache is not None else None))
     if cfg.logger.tensorboard:
@@ -184,7 +188,7 @@ def _check_writable(run_dir: Path) -> None:
                           "point hydra.run.dir at a writable folder") from None
 
 
-def _preflight(model: torch.nn.Module, example: torch.Tensor, arch: str) -> Reach:
+def _preflight(model: torch.nn.Module, example: torch.Tensor, arch: str, cut_frozen: bool = False) -> Reach:
     """Trace the model now: a model that cannot be slimmed fails before training, not at the prune epoch,
     and a user learns in seconds what share of it the cut can reach."""
     try:
@@ -194,12 +198,13 @@ def _preflight(model: torch.nn.Module, example: torch.Tensor, arch: str) -> Reac
     except RuntimeError as err:
         raise ConfigError(f"model {arch} cannot run on inputs of shape {tuple(example.shape[1:])}: {first_line(err)}; "
                           "choose a model or data.image_size that fit") from None
+    reach = reach_of(graph, model, cut_frozen=cut_frozen)  # marks frozen γ's groups as kept whole
     if not any(group.prunable for group in graph.groups):
         has_bn = any(group.norms for group in graph.groups)
         why = "has no BatchNorm: there is no γ to slim by" if not has_bn else \
             "has no channel group that can be cut safely (" + "; ".join(graph.warnings[:3]) + ")"
         raise ConfigError(f"model {arch} {why}; use prune=none to train it without surgery")
-    return reach_of(graph)
+    return reach
 
 
 def _single_process(cfg: DictConfig) -> bool:
@@ -245,7 +250,8 @@ def train(cfg: DictConfig, run_dir: str | Path, extra_callbacks: list[pl.Callbac
     example = facts.example
     reach = None
     if pruning_enabled(cfg):
-        reach = _preflight(module.model, example, cfg.model.get("arch") or cfg.model.get("_target_"))
+        reach = _preflight(module.model, example, cfg.model.get("arch") or cfg.model.get("_target_"),
+                           cfg.prune.get("cut_frozen", False))
         log.info("%s", reach)  # before training: what the sparse phase works towards
 
     # Jobs that differ only after the prune epoch share one sparse phase (see sparse_cache.py).

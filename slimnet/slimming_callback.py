@@ -19,6 +19,7 @@ import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
 from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities.seed import isolate_rng
 
 from slimnet.checkpoint import Slimmable
 from slimnet.core import Slimming
@@ -201,14 +202,20 @@ class SlimmingCallback(Callback):
         # The last validation before the cut (the sparse model), beside the after-cut evaluation below.
         before = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/") and v.numel() == 1}
         if not before and self.evaluate is not None:  # resumed at the cut (a shared sparse phase): measure it
-            before = {"evaluate": self.evaluate(trainer, pl_module)}
+            before = {"evaluate": self._evaluate(trainer, pl_module)}
         start = time.perf_counter()
         self.report = self._cut(trainer, pl_module)
         self.report["val_before_cut"] = before
         self.report["surgery_seconds"] = time.perf_counter() - start
         if self.evaluate is not None:
-            self.report["after_cut"] = self.evaluate(trainer, pl_module)
+            self.report["after_cut"] = self._evaluate(trainer, pl_module)
         self._log_report(trainer)
+
+    def _evaluate(self, trainer, pl_module):
+        """``evaluate``, with the random streams as they were: a loader it iterates draws a seed, and a
+        run resumed at the cut (which evaluates once more) would otherwise shuffle differently after it."""
+        with isolate_rng():
+            return self.evaluate(trainer, pl_module)
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         if self._recording_epoch(trainer) and not trainer.sanity_checking:

@@ -27,18 +27,22 @@ class SparsityCallback(Callback):
     Zhuang et al. 2020), which splits γ into a cluster at 0 and one away from it.
 
     The step is taken through the optimizer's own step hooks, so it is exact under gradient accumulation,
-    gradient clipping (which never rescales it), AMP (skipped with the step on an overflow) and fused
-    optimizers: for ``torch.optim.SGD`` it is the paper's λ·sign(γ) added to the gradient, momentum and
-    Nesterov included; for adaptive optimizers (Adam, AdamW, …), where that subgradient would be divided
-    by √v, it is the proximal step γ ← sign(γ)·max(|γ| − lr·λ, 0) after the update.
+    gradient clipping (which never rescales it), AMP (skipped with the step on an overflow, also when a
+    fused optimizer is stepped with ``found_inf`` set) and fused optimizers: for ``torch.optim.SGD`` it is the paper's λ·sign(γ) added
+    to the gradient, momentum and Nesterov included; for Adam, AdamW, NAdam, RAdam and Adamax, where that
+    subgradient would be divided by √v, it is the proximal step in the optimizer's own metric after the
+    update, γ ← sign(γ)·max(|γ| − lr·λ/(√v̂ + ε), 0) for Adam(W). Either way λ is a gradient: a γ ends at
+    (SGD: around) 0 when its momentum-averaged loss gradient stays below λ (``slimnet.sparsity``;
+    docs/sparsity.md measures it). Other optimizers get the plain step lr·λ, with a warning.
 
     BatchNorm layers kept in eval mode during training (``norm_eval``) are penalised like any other:
     their γ is still a trained parameter. Frozen γ (``requires_grad=False``) and ``FrozenBatchNorm2d``
     are not (convert the latter first).
 
     Args:
-        lam: λ. Liu et al. 2017: 1e-4 for VGG, 1e-5 for ResNet/DenseNet, over 160 epochs; fewer epochs
-            need more.
+        lam: λ, in units of ∂L/∂γ. Liu et al. 2017: 1e-4 for VGG, 1e-5 for ResNet/DenseNet, over 160
+            epochs of SGD; fewer epochs need more (the default model: 1e-3 over 8 epochs of SGD; with
+            AdamW at lr 1e-3, 3e-3 to 1e-2 over 344 steps, docs/sparsity.md).
         until_epoch: λ applies in epochs ``[0, until_epoch)`` and ``lam_after`` from then on (typically
             the ``SlimmingCallback``'s epoch); None: all epochs.
         lam_after: λ after ``until_epoch`` (0: plain fine-tuning, as in the paper).
@@ -49,12 +53,15 @@ class SparsityCallback(Callback):
         gamma_init: set every γ to this when a fit starts from scratch (the paper uses 0.5); None leaves
             them. Never applied when resuming from a checkpoint.
         kind: ``"l1"`` or ``"polarization"``.
-        t, bound: polarization's weight of the L1 term and the upper clamp of γ (ignored for L1).
+        t, bound: polarization's weight of the L1 term and the upper clamp of γ (ignored for L1). t = 1.4:
+            the reference code uses 1.4–1.5 for CIFAR networks (ResNet-56 1.4, VGG-16 1.5) and 1.2 for
+            ImageNet ResNet-50 (polarizationpruning/PolarizationPruning); bound = 1 is its clamp.
         target: a share of BatchNorm channels in (0, 1) to drive below ``eps`` by ``until_epoch``: λ is
             then adjusted after every step, starting from ``lam`` (see ``slimnet.lam_controller``);
             None keeps λ fixed. The controller counts γ that are (near) zero, so ``mode="auto"`` takes
-            the proximal step then: it sets γ exactly to 0, while the paper's subgradient leaves them
-            oscillating around 0 by about lr·λ/(1 − momentum), which can stay above ``eps`` for ever.
+            the proximal step then (under SGD too, in SGD's metric lr·λ): it sets γ exactly to 0, while
+            the paper's subgradient leaves them oscillating around 0 by about lr·λ/(1 − momentum),
+            which can stay above ``eps`` for ever.
         eps: what counts as a zero γ for ``target`` and for the logged share.
         log_stats: log ``sparsity/lam``, ``sparsity/l1``, ``sparsity/mean`` and ``sparsity/frac_small``
             (share of |γ| < 0.01) every epoch.
@@ -72,7 +79,7 @@ class SparsityCallback(Callback):
 
     def __init__(self, lam: float, until_epoch: int | None = None, lam_after: float = 0.0,
                  module: str | None = None, mode: str = "auto", gamma_init: float | None = None,
-                 log_stats: bool = True, kind: str = "l1", t: float = 1.2, bound: float = 1.0,
+                 log_stats: bool = True, kind: str = "l1", t: float = 1.4, bound: float = 1.0,
                  target: float | None = None, eps: float = 1e-2):
         for name, value in (("lam", lam), ("lam_after", lam_after)):
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
@@ -95,7 +102,7 @@ class SparsityCallback(Callback):
         self.lam, self.until_epoch, self.lam_after = float(lam), until_epoch, float(lam_after)
         self.module, self.mode, self.gamma_init, self.log_stats = module, mode, gamma_init, log_stats
         self._steps: list[SparsityStep] = []
-        self._hooked: list[int] = []
+        self._hooked: list[tuple[int, ...]] = []
         self._trainer: pl.Trainer | None = None
         self._controller_state: dict | None = None
         self.history: list[dict] = []  # per epoch: λ and the γ statistics (frac_small = share below eps)
@@ -141,7 +148,7 @@ class SparsityCallback(Callback):
             self.controller.update([g for step in self._steps for _, mine in step._groups for g in mine])
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if [id(o) for o in trainer.optimizers] != self._hooked:  # rebuilt, e.g. after a cut
+        if _holding(trainer.optimizers) != self._hooked:  # rebuilt or re-pointed, e.g. after a cut
             self._attach(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -168,7 +175,7 @@ class SparsityCallback(Callback):
             if mine:
                 owned.update(id(g) for g in mine)
                 self._steps.append(SparsityStep(optimizer, mine, self.current_lam, self.mode, self.penalty))
-        self._hooked = [id(o) for o in trainer.optimizers]
+        self._hooked = _holding(trainer.optimizers)
         missing = len(gammas) - len(owned)
         if missing:
             log.warning("SparsityCallback: %d of %d BatchNorm γ are in no optimizer (configure_optimizers "
@@ -190,3 +197,9 @@ class SparsityCallback(Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self._controller_state = state_dict.get("controller")  # a resumed run goes on with the λ it had
         self.history = list(state_dict.get("history", []))
+
+
+def _holding(optimizers) -> list[tuple[int, ...]]:
+    """Which optimizers hold which parameters: a cut either rebuilds the optimizers or points the same
+    ones at new parameters, and either way the step must be hooked onto the new γ."""
+    return [(id(o), *(id(p) for group in o.param_groups for p in group["params"])) for o in optimizers]

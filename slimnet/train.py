@@ -7,8 +7,8 @@
     python -m slimnet.train resume=outputs/2026-11-22/10-00-00   # resume that run where it stopped
     tensorboard --logdir outputs
 
-A user error (a config key, missing data, a model that cannot be traced) prints one line and exits
-with status 1; ``debug=true`` shows its traceback.
+A user error (a config key, an unknown config such as ``model=resnet99``, missing data, a model that
+cannot be traced) prints one line and exits with status 1; ``debug=true`` shows its traceback.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from slimnet.config import ConfigError, check_group_choices
 from slimnet.console import quiet_third_party
 from slimnet.errors import USER_ERROR_TYPES
 from slimnet.interrupt import ResumeHint, resume_hint
@@ -90,5 +91,21 @@ def main(cfg: DictConfig) -> float | None:
         raise
 
 
+# Options that point Hydra at other config files: the check below knows only slimnet's conf/.
+_OTHER_CONFIGS = ("-cp", "-cn", "-cd", "--config-path", "--config-name", "--config-dir", "-sc", "--shell-completion")
+
+
+def _check_command_line(argv: list[str]) -> None:
+    """An unknown option of a config group (``model=resnet99``) says so in one line, before Hydra composes."""
+    if any(a.split("=")[0] in _OTHER_CONFIGS for a in argv) or any("hydra.searchpath" in a for a in argv):
+        return
+    try:
+        check_group_choices([a for a in argv if not a.startswith("-") and "=" in a])
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
+    _check_command_line(sys.argv[1:])
     main()

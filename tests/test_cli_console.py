@@ -38,6 +38,24 @@ def test_a_config_error_is_one_line_and_leaves_no_folder(tmp_path):
     assert not run_dir.exists() and not run_dir.parent.exists()  # neither the run's nor the day's folder
 
 
+@pytest.mark.parametrize("args, named", [
+    (["model=resnet99"], ["model=resnet99", "did you mean model=resnet56?", "vgg_small", "model=custom"]),
+    (["-m", "experiment=smoke,smok"], ["experiment=smok", "did you mean experiment=smoke?", "vgg19_cifar10"]),
+])
+def test_an_unknown_config_is_one_line_listing_the_choices(tmp_path, args, named):
+    out = _cli(*args, cwd=tmp_path)
+    assert out.returncode == 1 and out.stdout == ""
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr  # not Hydra's 19 lines
+    assert out.stderr.startswith("error: ") and all(text in out.stderr for text in named), out.stderr
+    assert not (tmp_path / "outputs").exists()  # refused before Hydra made a run folder
+
+
+def test_known_configs_pass_the_check_to_hydra(tmp_path):
+    out = _cli("model=vgg", "hydra/launcher=local_parallel", "--cfg", "job", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "arch: vgg" in out.stdout
+
+
 def test_debug_shows_the_traceback(tmp_path):
     out = _cli("prune.epoch=500", "debug=true", f"hydra.run.dir={tmp_path / 'run'}")
     assert out.returncode == 1

@@ -43,3 +43,15 @@ def test_a_cut_detector_exports_and_detects_what_pytorch_detects(compose_cfg, tm
     assert export.main([str(tmp_path), "format=pt2"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "torch.export cannot capture a torchvision detector" in err
+
+
+def test_the_export_check_matches_detections_ranked_differently_among_equal_scores():
+    from slimnet.detection.export import _in_order_of
+
+    ref = {"boxes": torch.tensor([[0.0, 0, 4, 4], [1, 1, 5, 5], [2, 2, 6, 6]]), "labels": torch.tensor([1, 2, 1]),
+           "scores": torch.tensor([0.5, 0.5, 0.5])}
+    swapped = {k: v[[1, 0, 2]] for k, v in ref.items()}  # another runtime ranked the tie its own way
+    for key in ref:
+        torch.testing.assert_close(_in_order_of(swapped, ref)[key], ref[key])
+    other = {**swapped, "labels": torch.tensor([2, 2, 1])}  # not the same detections: left for the check to fail
+    assert not torch.equal(_in_order_of(other, ref)["labels"], ref["labels"])

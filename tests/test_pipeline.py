@@ -157,7 +157,8 @@ def test_optimizer_after_surgery_holds_the_new_parameters_and_they_train():
         optim={"name": "sgd", "lr": 0.05, "schedule": "constant", "weight_decay": 0.0},
         finetune={"lr": 0.01, "schedule": "cosine"}, prune_epoch=1)
     sparsity = SparsityCallback(lam=0.05, until_epoch=1, module="model", gamma_init=0.5)
-    slim = SlimmingCallback(epoch=1, module="model", example_input=dm.example_input(), module_input=True, percent=0.5)
+    slim = SlimmingCallback(epoch=1, module="model", example_input=dm.example_input(), module_input=True, percent=0.5,
+                            restart_schedule=True, carry_optimizer_state=False)  # as the pipeline builds it
     probe = _OptimizerProbe(epoch=1)
     trainer = pl.Trainer(max_epochs=2, callbacks=[sparsity, slim, probe], logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, accelerator="cpu")

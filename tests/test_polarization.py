@@ -13,6 +13,7 @@ from slimnet.config import ConfigError
 from slimnet.lam_controller import LamController
 from slimnet.pipeline import train
 from slimnet.sparsity import Polarization, attach_sparsity, init_gammas
+from slimnet.sparsity_callback import SparsityCallback
 
 
 def test_polarization_direction_is_the_gradient_of_its_formula():
@@ -36,6 +37,15 @@ def test_polarization_keeps_gamma_in_its_interval():
         net(torch.randn(16, 4)).square().mean().backward()
         opt.step()
         assert net[1].weight.min() >= 0 and net[1].weight.max() <= 1.0
+
+
+def test_polarization_defaults_to_the_references_cifar_t(compose_cfg):
+    """t = 1.4 wherever a user meets the default: the reference (polarizationpruning/PolarizationPruning)
+    trains CIFAR ResNet-56 with t = 1.4 and VGG-16 with 1.5; 1.2 is its ImageNet ResNet-50 value."""
+    assert compose_cfg().sparsity.t == 1.4
+    assert compose_cfg("sparsity=none").sparsity.t == 1.4
+    assert SparsityCallback(lam=1e-3, kind="polarization").penalty.t == 1.4
+    assert Polarization().t == 1.4
 
 
 def _cluster_gap(gammas: torch.Tensor) -> float:

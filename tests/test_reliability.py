@@ -13,10 +13,12 @@ import pytorch_lightning as pl
 import torch
 from conftest import TINY
 
+from slimnet.artifact import load_pruned
 from slimnet.config import ConfigError
 from slimnet.pipeline import train
 
 TESTS = Path(__file__).resolve().parent
+AUGMENT = "data.augment=true"  # its draws from torch's generator must line up after a resume too
 
 
 def _crash(run_dir: Path, epoch: int, batch: int, *overrides: str) -> int:
@@ -34,21 +36,24 @@ def uninterrupted(tmp_path_factory):
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=TINY)
+        cfg = compose(config_name="train", overrides=[*TINY, AUGMENT])
     GlobalHydra.instance().clear()
     return train(cfg, tmp_path_factory.mktemp("whole"))
 
 
-@pytest.mark.parametrize("phase, epoch", [("sparse", 2), ("finetune", 5)])
+# smoke: 6 epochs, surgery at the start of epoch 4. Killed in epoch 4, a run resumes at the cut (from the
+# end of epoch 3), as every job reusing a shared sparse phase does.
+@pytest.mark.parametrize("phase, epoch", [("sparse", 2), ("cut", 4), ("finetune", 5)])
 def test_sigkill_then_resume_matches_an_uninterrupted_run(compose_cfg, tmp_path, uninterrupted, phase, epoch):
-    # smoke: 6 epochs, surgery at the start of epoch 4
-    assert _crash(tmp_path, epoch, 3) == -9  # killed mid-epoch, after last.ckpt of the previous epoch
+    assert _crash(tmp_path, epoch, 3, AUGMENT) == -9  # killed mid-epoch, after last.ckpt of the previous epoch
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["epoch"] == epoch - 1 and last["slimnet"]["phase"] == ("sparse" if epoch <= 4 else "finetune")
-    resumed = train(compose_cfg(*TINY, "ckpt_path=last"), tmp_path)
+    resumed = train(compose_cfg(*TINY, AUGMENT, "ckpt_path=last"), tmp_path)
     assert resumed["channels"] == uninterrupted["channels"]  # the same architecture, cut once
-    assert resumed["test_acc"] == pytest.approx(uninterrupted["test_acc"], abs=1e-6)
+    assert resumed["test_acc"] == uninterrupted["test_acc"]
     assert resumed["threshold"] == pytest.approx(uninterrupted["threshold"])
+    a, b = (load_pruned(r["artifact"]).state_dict() for r in (resumed, uninterrupted))
+    assert all(torch.equal(a[k], b[k]) for k in b)  # bit-identical weights, not just the same accuracy
 
 
 def test_resume_shortcut_rebuilds_the_saved_config(tmp_path):
@@ -139,3 +144,20 @@ def test_unwritable_output_directory_fails_before_training(compose_cfg, tmp_path
 def test_missing_checkpoint_path_is_a_config_error(compose_cfg, tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         train(compose_cfg(*TINY, f"ckpt_path={tmp_path / 'nope.ckpt'}"), tmp_path)
+
+
+def test_checkpoints_carry_every_random_stream_seed_everything_seeds(tmp_path):
+    import random
+
+    import numpy as np
+
+    from slimnet.module import _rng_state, _set_rng_state
+
+    def draws():
+        return torch.rand(3).tolist(), random.random(), np.random.rand(2).tolist(), np.random.randn()
+
+    np.random.randn()  # leaves a cached Gaussian in numpy's state
+    torch.save(_rng_state(), tmp_path / "rng.pt")
+    expected = draws()
+    _set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))  # as every checkpoint is loaded
+    assert draws() == expected

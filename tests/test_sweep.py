@@ -13,6 +13,7 @@ import torch
 from conftest import TINY
 from PIL import Image
 
+from slimnet.artifact import load_pruned
 from slimnet.budget import threshold_for_flops
 from slimnet.measure import count_flops
 from slimnet.models import create_model
@@ -68,6 +69,23 @@ def test_reused_sparse_phase_gives_the_same_architecture(sweep, compose_cfg, tmp
     assert alone["sparse_phase"]["reused"] is False
     assert job["channels"] == alone["channels"]
     assert job["threshold"] == pytest.approx(alone["threshold"])
+
+
+def test_a_run_reusing_the_sparse_phase_ends_bit_identical_to_the_run_that_trained_it(
+        compose_cfg, tmp_path, monkeypatch):
+    # The cache key hashes slimnet's source; pinned, so an edit elsewhere mid-test cannot split the key.
+    monkeypatch.setattr("slimnet.sparse_cache.code_version", lambda: "pinned")
+    overrides = [*TINY, "prune.reuse_sparse=true", f"prune.cache_dir={tmp_path / 'cache'}", "latency.enabled=false",
+                 "data.augment=true"]  # the augmentation's draws from torch's generator must line up too
+    trained = train(compose_cfg(*overrides), tmp_path / "trained")
+    reused = train(compose_cfg(*overrides), tmp_path / "reused")
+    assert not trained["sparse_phase"]["reused"] and reused["sparse_phase"]["reused"]
+    assert reused["epochs_trained_here"]["sparse"] == 0
+    # What a reader compares across a sweep: the same number to the last digit, from the same weights.
+    for key in ("val_acc_before_cut", "val_acc_after_cut", "val_acc", "test_acc"):
+        assert reused[key] == trained[key], key
+    a, b = (load_pruned(r["artifact"]).state_dict() for r in (trained, reused))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_failing_job_is_listed_not_fatal(tmp_path):

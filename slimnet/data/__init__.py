@@ -8,6 +8,7 @@ One idea a file:
 * ``base``          -- ``_BaseDataModule``: loaders, the seeded split, on-device augmentation hook
 * ``dataset``       -- ``TensorImageDataset``: in-memory uint8 images, normalised a batch at a time
 * ``split``         -- the fixed-seed validation split held out from the training files
+* ``sampler``       -- ``EpochShuffle``: each epoch's training order from (seed, epoch) alone
 * ``transforms``    -- ``random_flip_crop``: the paper's flip + padded crop, vectorised per batch
 * ``idx``           -- ``read_idx``: the IDX file format (plain or .gz), validated
 * ``fashion_mnist`` -- ``FashionMNISTDataModule`` (the offline default)

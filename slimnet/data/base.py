@@ -1,5 +1,8 @@
 """The base of the built-in data modules: loaders, the seeded validation split, on-device augmentation.
 
+The training loader shuffles anew each epoch from ``(data.seed, epoch)`` (``sampler.EpochShuffle``); the
+augmentation draws from torch's global generator, which ``seed_everything`` seeds and checkpoints carry.
+
 Everything the model is built from (``num_classes``, ``in_channels``, ``image_size``, ``name``,
 ``example_input()``) is known right after ``__init__``, before any data is read. Training augmentation
 runs per batch on the device in ``on_after_batch_transfer``; Lightning calls that hook only when the
@@ -15,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from slimnet.data.dataset import TensorImageDataset
+from slimnet.data.sampler import EpochShuffle
 from slimnet.data.split import _split_indices
 from slimnet.data.transforms import _default_pad, random_flip_crop
 
@@ -82,7 +86,8 @@ class _BaseDataModule(pl.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            # the training order depends on (seed, epoch) only, never on what drew from torch's generator
+            sampler=EpochShuffle(dataset, self.seed) if shuffle else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,  # don't re-fork workers every epoch
             pin_memory=torch.cuda.is_available(),

@@ -63,6 +63,28 @@ def load_detector(source: str | Path) -> tuple[nn.Module, tuple[int, int], Path]
     return task.model.eval(), task.image_size, ckpt
 
 
+def _canonical(d: dict[str, torch.Tensor]) -> torch.Tensor:
+    """An order of detections that does not depend on how equal scores were ranked: by label, then by
+    the box (rounded to 1/100 pixel, so float noise between runtimes does not reorder)."""
+    key = torch.cat([d["labels"].double()[:, None], (d["boxes"].double() * 100).round()], 1)
+    order = torch.arange(len(key))
+    for col in reversed(range(key.shape[1])):  # a stable sort per column, last key first: lexicographic
+        order = order[torch.argsort(key[order, col], stable=True)]
+    return order
+
+
+def _in_order_of(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``got`` in ``ref``'s order when both hold the same detections ranked differently among (near-)equal
+    scores (an untrained detector's scores tie by the hundred, and two runtimes break ties their own
+    way); else ``got`` as it is, for the caller to find the difference."""
+    if len(got["boxes"]) != len(ref["boxes"]) or torch.equal(got["labels"].long(), ref["labels"].long()):
+        return got
+    mine, theirs = _canonical(got), _canonical(ref)
+    placed = torch.empty_like(theirs)
+    placed[theirs] = mine  # ref's i-th detection is got's placed[i]
+    return {k: v[placed] if isinstance(v, torch.Tensor) and len(v) == len(placed) else v for k, v in got.items()}
+
+
 def _detections(outputs) -> list[dict[str, torch.Tensor]]:
     """Per image ``{boxes, scores, labels}`` from PyTorch, a scripted detector or an ONNX session."""
     if isinstance(outputs, tuple) and len(outputs) == 2 and isinstance(outputs[1], list):
@@ -136,7 +158,7 @@ def export_detector(source: str | Path, format: str = "onnx", out: str | Path | 
     diff, same, scale = 0.0, 0, 0.0
     with torch.inference_mode():
         for image, ref in zip(images, reference):
-            got = run(image)
+            got = _in_order_of(run(image), ref)
             scale = max(scale, float(ref["boxes"].abs().max()) if len(ref["boxes"]) else 0.0)
             if got["boxes"].shape != ref["boxes"].shape or not torch.equal(got["labels"].long(), ref["labels"].long()):
                 diff = float("inf")
