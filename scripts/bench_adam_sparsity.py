@@ -38,7 +38,7 @@ RUNS = {  # name -> overrides; quick's gamma_init 0.5 holds in every row
     "sgd_3e-3": ["sparsity.lam=3e-3"],
 }
 # The step before: no preconditioner known for Adam(W), so the plain lr·λ step (and its warning) is taken.
-PLAIN = ("import runpy, torch, slimnet.sparsity as s; [s.PRECONDITIONERS.pop(c) for c in (torch.optim.Adam, "
+PLAIN = ("import runpy, torch, slimnet.sparsity.step as s; [s.PRECONDITIONERS.pop(c) for c in (torch.optim.Adam, "
          "torch.optim.AdamW)]; runpy.run_module('slimnet.train', run_name='__main__')")
 
 

@@ -32,10 +32,10 @@ from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import slimnet
-from slimnet.detection.measure import detector_flops
-from slimnet.detection.scope import transformed_input
-from slimnet.detection.trunk import DetectorTrunk
-from slimnet.measure import count_flops
+from slimnet.engine.measure import count_flops
+from slimnet.tasks.detection.measure import detector_flops
+from slimnet.tasks.detection.scope import transformed_input
+from slimnet.tasks.detection.trunk import DetectorTrunk
 
 SIZE = (800, 800)
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -118,7 +118,7 @@ def main() -> None:
                      f"{base['backbone_ms'] / r['backbone_ms']:.2f}x | {r['detector_gflops']:.1f} | "
                      f"{r['detector_ms']:.0f} | {base['detector_ms'] / r['detector_ms']:.2f}x |")
     lines += ["", "Detector GFLOPs count the RoI head at its test-time budget (1000 proposals), as "
-              "`slimnet.detection.measure.detector_flops` does.", ""]
+              "`slimnet.tasks.detection.measure.detector_flops` does.", ""]
     args.out.write_text("\n".join(lines))
     args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
     print("\n".join(lines))

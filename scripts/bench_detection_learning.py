@@ -23,8 +23,8 @@ import time
 import pytorch_lightning as pl
 import torch
 
-from slimnet.detection.data import SyntheticDetectionDataModule
-from slimnet.detection.task import DetectionTask
+from slimnet.tasks.detection.data import SyntheticDetectionDataModule
+from slimnet.tasks.detection.task import DetectionTask
 
 # Faster R-CNN's defaults are sized for 800 px COCO images: 2000/1000 proposals and 512 RoIs an image
 # would make its RoI head 80% of the cost on 128 px images with ~3 objects.

@@ -77,7 +77,7 @@ def plateau(checkpoint: Path) -> tuple[dict[str, float], list[float]]:
     """The share of FLOPs each absolute |γ| threshold removes from a sparse checkpoint (no fine-tuning),
     and every |γ| of the sparse model (for the histogram)."""
     import slimnet
-    from slimnet.module import SlimModule
+    from slimnet.tasks.classification.module import SlimModule
 
     module = SlimModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
     model, x = module.model, torch.zeros(1, module.hparams.model_config["in_channels"], 28, 28)

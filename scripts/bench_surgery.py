@@ -21,7 +21,7 @@ imports it. Without it the Torch-Pruning columns are left empty.
    with a real forward when built). Median of ``--repeats`` runs each, interleaved, same process.
 2. **Accuracy right after the cut, before fine-tuning**, with and without β folding: ``vgg_small`` sparsity-
    trained on Fashion-MNIST for ``--epochs`` epochs by a plain loop (SGD 0.05, momentum 0.9, Nesterov,
-   wd 1e-4; λ = 2e-3 on every γ via ``slimnet.sparsity.add_l1_subgradient``; γ initialised to 0.5, as in
+   wd 1e-4; λ = 2e-3 on every γ via ``slimnet.sparsity.step.add_l1_subgradient``; γ initialised to 0.5, as in
    Liu et al.), or the model of a Lightning checkpoint (``--ckpt``; keys prefixed ``model.``). Pruned at
    several ``percent`` values; folding measures removed channels on a zero image (what the training
    callback passes today) and on a batch of 256 real training images.
@@ -29,7 +29,7 @@ imports it. Without it the Torch-Pruning columns are left empty.
    is missing are skipped): ultralytics YOLOv8n, timm models the issue named, a segmentation-models-pytorch
    FPN (its forward checks the input size, so fx cannot trace it), and a torchvision resnet50 with
    FrozenBatchNorm2d, all untrained (``weights=None``). Per model: the share of BN channels and of FLOPs
-   surgery can reach (``slimnet.reach``); exactness (γ uniform in [0, 1), γ = β = 0 below 0.3, then
+   surgery can reach (``slimnet.engine.reach``); exactness (γ uniform in [0, 1), γ = β = 0 below 0.3, then
    ``prune(thresh=0.1, fold_bias=False)``: outputs must not move); ``prune(percent=0.5, fold_bias=False)``
    wall time, report included; and Torch-Pruning's ``MetaPruner(BNScaleImportance(), global_pruning=True,
    pruning_ratio=0.5)`` build + step on the same model: its time and the FLOPs it kept, or its error.
@@ -56,7 +56,7 @@ from slimnet.data import FashionMNISTDataModule
 from slimnet.graph.outputs import shape_only_output_keys
 from slimnet.models import create_model
 from slimnet.models.build import build_model
-from slimnet.sparsity import add_l1_subgradient, bn_gammas, init_gammas
+from slimnet.sparsity.step import add_l1_subgradient, bn_gammas, init_gammas
 
 try:  # optional, for the comparison only
     import torch_pruning as tp
@@ -461,7 +461,7 @@ def _markdown(speed: list[dict], accuracy: dict | None, meta: dict, thirdparty: 
                   (f"`python scripts/bench_surgery.py --skip-speed --skip-accuracy --thirdparty` "
                    f"({m.get('versions', '')}; {m.get('threads', 1)} intra-op thread(s), median of "
                    f"{m.get('repeats', 1)} runs; generated {m.get('date', '')}). Untrained models. *Reach*: "
-                   "`slimnet.reach` — BN channels in cuttable groups, and FLOPs of conv/linear layers with a "
+                   "`slimnet.engine.reach` — BN channels in cuttable groups, and FLOPs of conv/linear layers with a "
                    "cuttable channel axis. *Exact*: γ = β = 0 below 0.3, `prune(thresh=0.1, fold_bias=False)`, "
                    "outputs unchanged. *prune()*: `percent=0.5, fold_bias=False`, wall time with its report. "
                    "Torch-Pruning: `MetaPruner(BNScaleImportance(), global_pruning=True, pruning_ratio=0.5)` "
@@ -479,7 +479,7 @@ def _markdown(speed: list[dict], accuracy: dict | None, meta: dict, thirdparty: 
             lines.append(f"| {r['model']} | {r['size']} | {r['bn_reach']:.0%} | {r['flops_reach']:.0%} | "
                          f"{r['frozen_groups']} | {r['exact']} | {r['prune_seconds']:.2f} | {r['flops_kept']:.0%} | "
                          f"{tp_cell} |")
-        lines += ["", ("`slimnet.reach` names every group it leaves whole, and why. ghostnet and dpn68 slice channels "
+        lines += ["", ("`slimnet.engine.reach` names every group it leaves whole, and why. ghostnet and dpn68 slice channels "
                        "with `x[:, :n]` / `x[:, n:]`, n a module attribute (`out_chs`, `num_1x1_c`): each part is "
                        "its own channel space and the cut rewrites n. skresnet18 stacks its two paths "
                        "(`torch.stack`) and weighs them by an attention whose filters come in one block per path: "

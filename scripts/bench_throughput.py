@@ -28,8 +28,8 @@ from torch import nn
 
 from slimnet.data import FashionMNISTDataModule, random_flip_crop
 from slimnet.deploy.latency import cpu_name
-from slimnet.module import SlimModule
-from slimnet.sparsity import add_l1_subgradient, bn_gammas
+from slimnet.sparsity.step import add_l1_subgradient, bn_gammas
+from slimnet.tasks.classification.module import SlimModule
 
 ROOT = Path(__file__).resolve().parents[1]
 # Conv widths a real default run kept (seed 0, NCHW; its results.json): the model a fine-tune phase trains.

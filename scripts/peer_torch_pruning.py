@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from slimnet import pipeline
+from slimnet.engine.measure import count_flops
+from slimnet.engine.plan import plan_for
+from slimnet.engine.surgery import replay_plan
 from slimnet.graph import trace_channel_groups
-from slimnet.measure import count_flops
-from slimnet.plan import plan_for
-from slimnet.slimming_callback import SlimmingCallback, _to
-from slimnet.surgery import replay_plan
+from slimnet.loops.lightning.slimming_callback import SlimmingCallback, _to
+from slimnet.run import pipeline
 
 
 class TorchPruningCut(SlimmingCallback):

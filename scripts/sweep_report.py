@@ -13,7 +13,7 @@ import argparse
 import csv
 import logging
 
-from slimnet.sweep import plot, report
+from slimnet.run.sweep import plot, report
 
 
 def rows_from_csv(path: str) -> list[dict]:

@@ -17,24 +17,24 @@ Your LightningModule::
     module = slimnet.load_checkpoint(path, MyModule)              # or: class MyModule(slimnet.Slimmable, ...)
 """
 
-from slimnet.api import prune
-from slimnet.artifact import load_pruned, save_pruned
+from slimnet.engine.artifact import load_pruned, save_pruned
+from slimnet.engine.cut import prune
+from slimnet.engine.measure import count_flops, count_params
+from slimnet.engine.optim_state import carry_optimizer_state
+from slimnet.engine.plan import PrunePlan
+from slimnet.engine.reach import Reach, reach
+from slimnet.engine.report import PruneReport
+from slimnet.engine.zeroed import prune_zeroed
 from slimnet.errors import NothingCutError
 from slimnet.graph import TraceError, trace_channel_groups
-from slimnet.measure import count_flops, count_params
-from slimnet.optim_state import carry_optimizer_state
-from slimnet.plan import PrunePlan
-from slimnet.prune_report import PruneReport
-from slimnet.reach import Reach, reach
-from slimnet.sparsity import L1Step, add_l1_subgradient, attach_l1, l1_proximal_step
-from slimnet.zeroed import prune_zeroed
+from slimnet.sparsity.step import L1Step, add_l1_subgradient, attach_l1, l1_proximal_step
 
 # The Lightning side loads on first use: the engine above imports without Lightning's start-up cost.
 _LAZY = {
-    "SparsityCallback": "slimnet.sparsity_callback",
-    "SlimmingCallback": "slimnet.slimming_callback",
-    "Slimmable": "slimnet.checkpoint",
-    "load_checkpoint": "slimnet.checkpoint",
+    "SparsityCallback": "slimnet.loops.lightning.sparsity_callback",
+    "SlimmingCallback": "slimnet.loops.lightning.slimming_callback",
+    "Slimmable": "slimnet.loops.lightning.checkpoint",
+    "load_checkpoint": "slimnet.loops.lightning.checkpoint",
 }
 
 __all__ = ["prune", "prune_zeroed", "count_flops", "count_params", "save_pruned", "load_pruned", "trace_channel_groups",

@@ -23,11 +23,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from slimnet.config import ConfigError, check_group_choices
-from slimnet.console import quiet_third_party
 from slimnet.errors import USER_ERROR_TYPES
-from slimnet.interrupt import ResumeHint, resume_hint
-from slimnet.pipeline import record_failure, resumed_config, train
+from slimnet.run.config import ConfigError, check_group_choices
+from slimnet.run.console import quiet_third_party
+from slimnet.run.interrupt import ResumeHint, resume_hint
+from slimnet.run.pipeline import record_failure, resumed_config, train
 
 log = logging.getLogger("slimnet")
 _NOTHING_WRITTEN = {".hydra", "train.log", ".write-test"}  # what Hydra and the preflight leave before training

@@ -10,10 +10,10 @@ import signal
 import sys
 
 import pytorch_lightning as pl
+from conftest import CONF_DIR
 from hydra import compose, initialize_config_dir
 
-from conftest import CONF_DIR
-from slimnet.pipeline import train
+from slimnet.run.pipeline import train
 
 
 class KillAt(pl.Callback):

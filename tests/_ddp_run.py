@@ -11,10 +11,10 @@ import sys
 
 import pytorch_lightning as pl
 import torch
+from conftest import CONF_DIR
 from hydra import compose, initialize_config_dir
 
-from conftest import CONF_DIR
-from slimnet.pipeline import train
+from slimnet.run.pipeline import train
 
 
 class DumpRank(pl.Callback):

@@ -74,8 +74,8 @@ def test_a_budget_stops_inside_a_tie_of_zero_gammas_cutting_the_lowest_beta_firs
 
 
 def test_tie_breaking_keeps_the_order_of_distinct_scores():
+    from slimnet.engine.plan import group_scores, tie_broken
     from slimnet.graph import trace_channel_groups
-    from slimnet.plan import group_scores, tie_broken
 
     model = _half_dead_net()
     graph = trace_channel_groups(model, X)

@@ -1,4 +1,4 @@
-"""Pruned-model artifacts (``slimnet.artifact``): data only, safe to load, never half-written.
+"""Pruned-model artifacts (``slimnet.engine.artifact``): data only, safe to load, never half-written.
 
 A pruned model cannot be rebuilt from its architecture name alone (its widths changed), which is why
 the artifact carries the plan next to the weights. These tests pin the promises of that format: a
@@ -20,9 +20,9 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-import slimnet.artifact as artifact
+import slimnet.engine.artifact as artifact
 from slimnet import prune
-from slimnet.artifact import atomic_save, load_pruned, save_pruned
+from slimnet.engine.artifact import atomic_save, load_pruned, save_pruned
 from slimnet.models import create_model
 from slimnet.models.build import build_model
 

@@ -14,8 +14,8 @@ import pytest
 import pytorch_lightning as pl
 from conftest import TINY
 
-from slimnet.interrupt import ResumeHint
-from slimnet.pipeline import train
+from slimnet.run.interrupt import ResumeHint
+from slimnet.run.pipeline import train
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["experiment=smoke", "logger=none", "latency.enabled=false", "prune.reuse_sparse=false",

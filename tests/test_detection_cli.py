@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from slimnet.config import ConfigError
-from slimnet.pipeline import train
+from slimnet.run.config import ConfigError
+from slimnet.run.pipeline import train
 
 pytest.importorskip("pycocotools", reason="mAP needs the detection extra: pip install -e '.[detection]'")
 
@@ -36,8 +36,8 @@ def test_detection_experiment_cuts_the_backbone_and_reports_map(compose_cfg, tmp
     before, after = results["before"]["detector_flops"], results["after"]["detector_flops"]
     assert after["total"] < before["total"] and after["heads"] == before["heads"]  # heads kept whole
 
-    from slimnet.checkpoint import load_checkpoint
-    from slimnet.detection.task import DetectionTask
+    from slimnet.loops.lightning.checkpoint import load_checkpoint
+    from slimnet.tasks.detection.task import DetectionTask
 
     reloaded = load_checkpoint(results["checkpoint"], DetectionTask)
     widths = {n: [b, a] for n, (b, a) in results["channels"].items()}
@@ -72,8 +72,8 @@ def test_scope_all_cuts_the_whole_detector_but_its_answers(compose_cfg, tmp_path
     assert results["scope"]["module"] == "model"
     assert results["after"]["flops"] < results["before"]["flops"] == results["before"]["detector_flops"]["total"]
 
-    from slimnet.checkpoint import load_checkpoint
-    from slimnet.detection.task import DetectionTask
+    from slimnet.loops.lightning.checkpoint import load_checkpoint
+    from slimnet.tasks.detection.task import DetectionTask
 
     reloaded = load_checkpoint(results["checkpoint"], DetectionTask).model
     predictor = reloaded.roi_heads.box_predictor
@@ -84,14 +84,14 @@ def test_scope_all_cuts_the_whole_detector_but_its_answers(compose_cfg, tmp_path
 def test_frozen_batchnorm_is_made_trainable_when_sparsity_is_on(compose_cfg, tmp_path, single_thread, caplog):
     """A detector built as torchvision's pretrained ones (FrozenBatchNorm2d) with sparsity on: the CLI
     converts its norms (and says so) instead of refusing, cuts, and the checkpoint reloads."""
-    with caplog.at_level(logging.INFO, logger="slimnet.detection.pipeline"):
+    with caplog.at_level(logging.INFO, logger="slimnet.run.detection"):
         results = train(compose_cfg(*TINY_DETECTION, "model.norm=frozen", "test=false"), tmp_path)
     assert any("converted" in r.message and "FrozenBatchNorm2d" in r.message for r in caplog.records)
     assert results["model_config"]["norm"] == "batchnorm_eval"  # what rebuilds the converted detector
     assert results["after"]["flops"] < results["before"]["flops"]
 
-    from slimnet.checkpoint import load_checkpoint
-    from slimnet.detection.task import DetectionTask
+    from slimnet.loops.lightning.checkpoint import load_checkpoint
+    from slimnet.tasks.detection.task import DetectionTask
 
     reloaded = load_checkpoint(results["checkpoint"], DetectionTask)
     assert not any(isinstance(m, FrozenBatchNorm2d) for m in reloaded.modules())
@@ -100,8 +100,8 @@ def test_frozen_batchnorm_is_made_trainable_when_sparsity_is_on(compose_cfg, tmp
 def test_frozen_to_trainable_conversion_keeps_the_detectors_eval_outputs(single_thread):
     from test_detection_norms import _randomise_frozen
 
-    from slimnet.detection.models import build_detector
-    from slimnet.detection.pipeline import _unfreeze_for_sparsity
+    from slimnet.run.detection import _unfreeze_for_sparsity
+    from slimnet.tasks.detection.models import build_detector
 
     config = {"kind": "retinanet", "backbone": "resnet18", "num_classes": 2, "min_size": 64, "max_size": 64,
               "fpn_channels": 64, "norm": "frozen"}
@@ -131,7 +131,7 @@ def test_detection_config_errors_come_before_training(compose_cfg, tmp_path, ove
 
 
 def test_a_detection_sweep_report_plots_map_against_flops(compose_cfg, tmp_path, single_thread):
-    from slimnet.sweep import report
+    from slimnet.run.sweep import report
 
     for job, percent in (("0", 0.2), ("1", 0.5)):
         train(compose_cfg(*TINY_DETECTION, f"prune.percent={percent}"), tmp_path / job)

@@ -10,9 +10,9 @@ from omegaconf import OmegaConf
 from test_detection_data import write_coco
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from slimnet.detection.coco import COCODetectionDataModule
-from slimnet.detection.data import SyntheticDetectionDataModule
-from slimnet.detection.models import build_detector
+from slimnet.tasks.detection.coco import COCODetectionDataModule
+from slimnet.tasks.detection.data import SyntheticDetectionDataModule
+from slimnet.tasks.detection.models import build_detector
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

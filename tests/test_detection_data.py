@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from slimnet.detection.coco import COCODetectionDataModule
-from slimnet.detection.data import SyntheticDetectionDataModule, hflip
-from slimnet.detection.synthetic import SHAPES, SceneConfig, generate, image_generator, render_scene
+from slimnet.tasks.detection.coco import COCODetectionDataModule
+from slimnet.tasks.detection.data import SyntheticDetectionDataModule, hflip
+from slimnet.tasks.detection.synthetic import SHAPES, SceneConfig, generate, image_generator, render_scene
 
 # --------------------------------------------------------------------------------------------------
 # Synthetic

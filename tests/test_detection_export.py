@@ -10,9 +10,9 @@ import pytest
 import torch
 from test_detection_cli import TINY_DETECTION
 
-from slimnet import export
-from slimnet.detection.export import load_detector
-from slimnet.pipeline import train
+from slimnet import export as export_cli  # python -m slimnet.export
+from slimnet.run.pipeline import train
+from slimnet.tasks.detection.export import load_detector
 
 pytest.importorskip("pycocotools", reason="mAP needs the detection extra: pip install -e '.[detection]'")
 HAS_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime"))
@@ -22,7 +22,7 @@ def test_a_cut_detector_exports_and_detects_what_pytorch_detects(compose_cfg, tm
     results = train(compose_cfg(*TINY_DETECTION, "test=false", "model.score_thresh=0.001"), tmp_path)
     assert results["after"]["flops"] < results["before"]["flops"]  # a cut detector
 
-    assert export.main([str(tmp_path), "format=torchscript", "batch=2"]) == 0
+    assert export_cli.main([str(tmp_path), "format=torchscript", "batch=2"]) == 0
     out = capsys.readouterr().out
     assert "torchscript check on 2 random 64x64 images" in out and "OK" in out
     # independently of the command's own check: torch.jit.load, as a deployment would
@@ -37,16 +37,16 @@ def test_a_cut_detector_exports_and_detects_what_pytorch_detects(compose_cfg, tm
     torch.testing.assert_close(got["scores"], expected["scores"], rtol=1e-4, atol=1e-4)
 
     if HAS_ONNX:  # the TorchScript-based ONNX exporter, torchvision's own path
-        assert export.main([str(tmp_path / "checkpoints" / "last.ckpt"), "format=onnx", "batch=2"]) == 0
+        assert export_cli.main([str(tmp_path / "checkpoints" / "last.ckpt"), "format=onnx", "batch=2"]) == 0
         assert "onnx check" in capsys.readouterr().out and (tmp_path / "detector.onnx").stat().st_size > 0
 
-    assert export.main([str(tmp_path), "format=pt2"]) == 2
+    assert export_cli.main([str(tmp_path), "format=pt2"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "torch.export cannot capture a torchvision detector" in err
 
 
 def test_the_export_check_matches_detections_ranked_differently_among_equal_scores():
-    from slimnet.detection.export import _in_order_of
+    from slimnet.tasks.detection.export import _in_order_of
 
     ref = {"boxes": torch.tensor([[0.0, 0, 4, 4], [1, 1, 5, 5], [2, 2, 6, 6]]), "labels": torch.tensor([1, 2, 1]),
            "scores": torch.tensor([0.5, 0.5, 0.5])}

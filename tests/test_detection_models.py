@@ -10,11 +10,11 @@ from torch import nn
 from torchvision.models import resnet18
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from slimnet.detection.measure import detector_flops
-from slimnet.detection.models import build_detector
-from slimnet.detection.scope import prune_scope
-from slimnet.measure import count_flops
-from slimnet.norms import unfreeze_batchnorm
+from slimnet.engine.measure import count_flops
+from slimnet.sparsity.norms import unfreeze_batchnorm
+from slimnet.tasks.detection.measure import detector_flops
+from slimnet.tasks.detection.models import build_detector
+from slimnet.tasks.detection.scope import prune_scope
 
 KINDS = ["fasterrcnn", "retinanet", "fcos"]
 IMAGE = (64, 80)  # not square and not a multiple of 32: the detector pads it to 64 x 96

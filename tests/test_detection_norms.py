@@ -8,8 +8,8 @@ from torch import nn
 from torchvision.models.detection.backbone_utils import mobilenet_backbone, resnet_fpn_backbone
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from slimnet.norms import EvalModeBatchNorm2d, freeze_batchnorm, unfreeze_batchnorm
-from slimnet.sparsity import bn_gammas
+from slimnet.sparsity.norms import EvalModeBatchNorm2d, freeze_batchnorm, unfreeze_batchnorm
+from slimnet.sparsity.step import bn_gammas
 
 
 def _randomise_frozen(model: nn.Module, seed: int = 0) -> int:

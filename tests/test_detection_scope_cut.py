@@ -18,10 +18,10 @@ from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import slimnet
-from slimnet.detection.scope import prune_scope
-from slimnet.detection.trunk import DetectorTrunk
+from slimnet.engine.plan import restrict_to
 from slimnet.graph import trace_channel_groups
-from slimnet.plan import restrict_to
+from slimnet.tasks.detection.scope import prune_scope
+from slimnet.tasks.detection.trunk import DetectorTrunk
 
 KINDS = ["fasterrcnn", "retinanet", "fcos"]
 

@@ -9,12 +9,12 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from slimnet.checkpoint import load_checkpoint
-from slimnet.detection.data import SyntheticDetectionDataModule
-from slimnet.detection.task import DetectionTask
-from slimnet.norms import EvalModeBatchNorm2d
-from slimnet.slimming_callback import SlimmingCallback
-from slimnet.sparsity_callback import SparsityCallback
+from slimnet.loops.lightning.checkpoint import load_checkpoint
+from slimnet.loops.lightning.slimming_callback import SlimmingCallback
+from slimnet.loops.lightning.sparsity_callback import SparsityCallback
+from slimnet.sparsity.norms import EvalModeBatchNorm2d
+from slimnet.tasks.detection.data import SyntheticDetectionDataModule
+from slimnet.tasks.detection.task import DetectionTask
 
 
 def _widths(module: nn.Module) -> dict[str, tuple[int, int]]:

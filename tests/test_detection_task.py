@@ -11,8 +11,8 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from slimnet.detection.data import SyntheticDetectionDataModule
-from slimnet.detection.task import DetectionTask
+from slimnet.tasks.detection.data import SyntheticDetectionDataModule
+from slimnet.tasks.detection.task import DetectionTask
 
 TINY_FASTER_RCNN = {"rpn_pre_nms_top_n_train": 100, "rpn_post_nms_top_n_train": 50, "rpn_pre_nms_top_n_test": 50,
                     "rpn_post_nms_top_n_test": 20, "box_batch_size_per_image": 16}

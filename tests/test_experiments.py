@@ -11,10 +11,10 @@ import torch
 from conftest import CONF_DIR
 from test_data import make_cifar10, make_cifar100, no_cifar_md5  # noqa: F401 (a fixture)
 
-from slimnet.config import validate
-from slimnet.measure import count_flops
+from slimnet.engine.measure import count_flops
 from slimnet.models import create_model
-from slimnet.pipeline import train
+from slimnet.run.config import validate
+from slimnet.run.pipeline import train
 
 EXPERIMENTS = sorted(p.stem for p in Path(CONF_DIR, "experiment").glob("*.yaml"))
 

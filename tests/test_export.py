@@ -20,7 +20,8 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import slimnet
-from slimnet import export
+from slimnet import export as export_cli  # python -m slimnet.export
+from slimnet.deploy import export
 from slimnet.models.build import build_model
 
 CONFIG = {"arch": "vgg", "num_classes": 4, "in_channels": 3, "cfg": [8, "M", 16]}
@@ -96,7 +97,7 @@ def test_cli_exports_run_dir_to_onnx_that_onnxruntime_runs(run_dir):
 
 @pytest.mark.parametrize("fmt", ["torchscript", "pt2"])
 def test_torch_formats_roundtrip(bare_artifact, fmt, capsys):
-    assert export.main([str(bare_artifact), f"format={fmt}", "input_size=16", "batch=4"]) == 0
+    assert export_cli.main([str(bare_artifact), f"format={fmt}", "input_size=16", "batch=4"]) == 0
     path = bare_artifact.with_name("model" + export.SUFFIXES[fmt])
     assert path.is_file()
     assert "4 random normal inputs" in capsys.readouterr().out  # no data known: says so
@@ -126,7 +127,7 @@ def test_wrong_export_fails_loudly(bare_artifact, monkeypatch, capsys):
         return real(model, example, path, opset)
 
     monkeypatch.setitem(export.EXPORTERS, "torchscript", perturbing)
-    assert export.main([str(bare_artifact), "format=torchscript", "input_size=16"]) == 1
+    assert export_cli.main([str(bare_artifact), "format=torchscript", "input_size=16"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "FAILED" in err and "tolerance" in err
@@ -134,14 +135,14 @@ def test_wrong_export_fails_loudly(bare_artifact, monkeypatch, capsys):
 
 
 def test_unknown_input_size_is_a_usage_error_with_hint(bare_artifact, capsys):
-    assert export.main([str(bare_artifact), "format=torchscript"]) == 2
+    assert export_cli.main([str(bare_artifact), "format=torchscript"]) == 2
     assert "input_size=" in capsys.readouterr().err
 
 
 def test_missing_artifact_and_bad_flags(tmp_path, capsys):
-    assert export.main([str(tmp_path)]) == 2
+    assert export_cli.main([str(tmp_path)]) == 2
     assert "pruned.pt: no such file" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
-        export.main([str(tmp_path), "fromat=onnx"])
+        export_cli.main([str(tmp_path), "fromat=onnx"])
     assert exit_info.value.code == 2
     assert "format" in capsys.readouterr().err  # lists the valid keys

@@ -16,7 +16,7 @@ from test_reach import X, _cb, _kill_weak
 from torch import nn
 
 import slimnet
-import slimnet.surgery
+import slimnet.engine.surgery
 from slimnet.graph import trace_channel_groups
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # see conftest.py
@@ -115,7 +115,7 @@ def test_ghost_slice_is_cut_exactly_and_its_bound_rewritten(out_chs):
     assert model.ghost.out_chs == model.head.in_channels  # the bound describes the cut width
     torch.testing.assert_close(model(X), ref)
     fresh = GhostNet(out_chs)
-    slimnet.surgery.replay_plan(fresh, slimnet.PrunePlan.from_json(report["plan"].to_json()))
+    slimnet.engine.surgery.replay_plan(fresh, slimnet.PrunePlan.from_json(report["plan"].to_json()))
     assert fresh.ghost.out_chs == model.ghost.out_chs
 
 

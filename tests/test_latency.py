@@ -1,4 +1,4 @@
-"""Latency measurement (``slimnet.latency``): sane numbers, honest comparisons, loud gaps.
+"""Latency measurement (``slimnet.deploy.latency``): sane numbers, honest comparisons, loud gaps.
 
 Timing tests on a shared machine must be loose: they assert facts that hold by a wide margin (a model
 is as fast as itself within 2x; a net with 1/64 of the FLOPs is faster), with one thread so a busy
@@ -13,8 +13,8 @@ import importlib.util
 import pytest
 import torch
 
-from slimnet import latency
-from slimnet.latency import compare_latency, interleaved_latency, measure_latency, speedup_columns
+from slimnet.deploy import latency
+from slimnet.deploy.latency import compare_latency, interleaved_latency, measure_latency, speedup_columns
 from slimnet.models import create_model
 
 EXAMPLE = torch.zeros(1, 3, 16, 16)

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import torch
 from conftest import TINY
-from test_graph import _cbr
 from pytorch_lightning import Callback
+from test_graph import _cbr
 from torch import nn
 
 import slimnet
-from slimnet.artifact import load_pruned
-from slimnet.module import SlimModule
-from slimnet.slimming_callback import SlimmingCallback
-from slimnet.pipeline import train
-from slimnet.sparse_cache import sparse_key
+from slimnet.engine.artifact import load_pruned
+from slimnet.loops.lightning.slimming_callback import SlimmingCallback
+from slimnet.run.pipeline import train
+from slimnet.run.sparse_cache import sparse_key
+from slimnet.tasks.classification.module import SlimModule
 
 CONFIG = {"arch": "vgg", "cfg": [8, "M", 16, "M", 16], "num_classes": 4, "in_channels": 3}
 OPTIM = {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 0.0}

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from slimnet.measure import count_flops
+from slimnet.engine.measure import count_flops
 from slimnet.models import create_model, list_models, model_metadata, register_model
 
 NUM_CLASSES = 7  # deliberately not 10, so a hard-coded class count would show up

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import TINY
 
-from slimnet.config import ConfigError
-from slimnet.pipeline import train
+from slimnet.run.config import ConfigError
+from slimnet.run.pipeline import train
 
 NETS = '''
 from torch import nn

@@ -13,12 +13,12 @@ import torch
 from conftest import TINY
 
 import slimnet
-from slimnet.artifact import load_pruned
-from slimnet.callbacks import SlimmingCallback, SparsityCallback
-from slimnet.config import ConfigError
 from slimnet.data import SyntheticDataModule
-from slimnet.module import FINETUNE, SlimModule
-from slimnet.pipeline import train
+from slimnet.engine.artifact import load_pruned
+from slimnet.loops.lightning import SlimmingCallback, SparsityCallback
+from slimnet.run.config import ConfigError
+from slimnet.run.pipeline import train
+from slimnet.tasks.classification.module import FINETUNE, SlimModule
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -172,7 +172,7 @@ def test_optimizer_after_surgery_holds_the_new_parameters_and_they_train():
 
 def test_l1_subgradient_is_added_once_per_optimizer_step():
     """With lr=1 and zero cross-entropy gradient on γ, γ moves by exactly λ·sign(γ) per step."""
-    from slimnet.sparsity import add_l1_subgradient
+    from slimnet.sparsity.step import add_l1_subgradient
 
     bn = torch.nn.BatchNorm2d(4)
     with torch.no_grad():

@@ -16,9 +16,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import slimnet
+from slimnet.engine.reach import reach_of
 from slimnet.errors import NothingCutError, UserError
 from slimnet.graph import trace_channel_groups
-from slimnet.reach import reach_of
 
 X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 

@@ -9,11 +9,11 @@ import torch.nn.functional as F
 from conftest import TINY
 from torch import nn
 
-from slimnet.config import ConfigError
-from slimnet.lam_controller import LamController
-from slimnet.pipeline import train
-from slimnet.sparsity import Polarization, attach_sparsity, init_gammas
-from slimnet.sparsity_callback import SparsityCallback
+from slimnet.loops.lightning.sparsity_callback import SparsityCallback
+from slimnet.run.config import ConfigError
+from slimnet.run.pipeline import train
+from slimnet.sparsity.controller import LamController
+from slimnet.sparsity.step import Polarization, attach_sparsity, init_gammas
 
 
 def test_polarization_direction_is_the_gradient_of_its_formula():

@@ -7,18 +7,16 @@ exactly zero), prune, and the outputs must not move. Tiny models, 8x8 inputs; th
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import slimnet
-import slimnet.surgery
+import slimnet.engine.surgery
+from slimnet.engine.cut import run_surgery
+from slimnet.engine.plan import PlanDecision, PrunePlan
 from slimnet.graph import TraceError, trace_channel_groups
-from slimnet.plan import PlanDecision, PrunePlan
-from slimnet.api import run_surgery
 
 X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 
@@ -179,7 +177,7 @@ def test_split_sizes_in_a_list_attribute_are_rewritten_and_replay():
     assert model.splits == kept and sum(kept) == model.cv1[0].out_channels < 12  # parts cut independently
     torch.testing.assert_close(model(X), ref)
     fresh = MixedSplit()
-    slimnet.surgery.replay_plan(fresh, slimnet.PrunePlan.from_json(report["plan"].to_json()))
+    slimnet.engine.surgery.replay_plan(fresh, slimnet.PrunePlan.from_json(report["plan"].to_json()))
     assert fresh.splits == kept  # a plan saved as JSON rewrites the sizes of a freshly built model too
 
 
@@ -244,7 +242,7 @@ def test_a_failure_while_cutting_puts_every_tensor_back(monkeypatch):
     model = CatGrouped().eval()
     _kill_weak(model, 0.5)
     before = _state(model)
-    import slimnet.surgery as surgery
+    import slimnet.engine.surgery as surgery
 
     real = surgery._cut_conv
 

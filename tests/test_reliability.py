@@ -13,9 +13,9 @@ import pytorch_lightning as pl
 import torch
 from conftest import TINY
 
-from slimnet.artifact import load_pruned
-from slimnet.config import ConfigError
-from slimnet.pipeline import train
+from slimnet.engine.artifact import load_pruned
+from slimnet.run.config import ConfigError
+from slimnet.run.pipeline import train
 
 TESTS = Path(__file__).resolve().parent
 AUGMENT = "data.augment=true"  # its draws from torch's generator must line up after a resume too
@@ -29,10 +29,9 @@ def _crash(run_dir: Path, epoch: int, batch: int, *overrides: str) -> int:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
+    from conftest import CONF_DIR
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-
-    from conftest import CONF_DIR
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -57,7 +56,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(compose_cfg, tmp_path,
 
 
 def test_resume_shortcut_rebuilds_the_saved_config(tmp_path):
-    from slimnet.pipeline import resumed_config
+    from slimnet.run.pipeline import resumed_config
 
     (tmp_path / ".hydra").mkdir()
     (tmp_path / ".hydra" / "config.yaml").write_text("seed: 3\nckpt_path: null\nresume: null\n")
@@ -88,7 +87,7 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint(c
 
 
 def test_disk_full_while_checkpointing_leaves_the_previous_last_ckpt(compose_cfg, tmp_path, monkeypatch):
-    import slimnet.artifact as artifact
+    import slimnet.engine.artifact as artifact
 
     real_save, calls = torch.save, {"n": 0}
 
@@ -151,7 +150,7 @@ def test_checkpoints_carry_every_random_stream_seed_everything_seeds(tmp_path):
 
     import numpy as np
 
-    from slimnet.module import _rng_state, _set_rng_state
+    from slimnet.tasks.classification.module import _rng_state, _set_rng_state
 
     def draws():
         return torch.rand(3).tolist(), random.random(), np.random.rand(2).tolist(), np.random.randn()

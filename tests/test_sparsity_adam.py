@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import slimnet
-from slimnet.sparsity import attach_l1, init_gammas
+from slimnet.sparsity.step import attach_l1, init_gammas
 
 LAM, LR = 0.01, 0.1
 # the loss gradient of each γ: the first two below λ in size, the last two above it

@@ -22,10 +22,10 @@ from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize
 
 from slimnet import prune
+from slimnet.engine.measure import count_flops
+from slimnet.engine.surgery import replay_plan
 from slimnet.graph import trace_channel_groups
-from slimnet.measure import count_flops
 from slimnet.models import create_model
-from slimnet.surgery import replay_plan
 
 NUM_CLASSES = 10
 

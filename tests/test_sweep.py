@@ -13,12 +13,12 @@ import torch
 from conftest import TINY
 from PIL import Image
 
-from slimnet.artifact import load_pruned
-from slimnet.budget import threshold_for_flops
-from slimnet.measure import count_flops
+from slimnet.engine.artifact import load_pruned
+from slimnet.engine.budget import threshold_for_flops
+from slimnet.engine.measure import count_flops
 from slimnet.models import create_model
-from slimnet.pipeline import train
-from slimnet.sweep import pareto_front
+from slimnet.run.pipeline import train
+from slimnet.run.sweep import pareto_front
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ["experiment=smoke", "callbacks.progress_bar=false", "logger=none"]
@@ -74,7 +74,7 @@ def test_reused_sparse_phase_gives_the_same_architecture(sweep, compose_cfg, tmp
 def test_a_run_reusing_the_sparse_phase_ends_bit_identical_to_the_run_that_trained_it(
         compose_cfg, tmp_path, monkeypatch):
     # The cache key hashes slimnet's source; pinned, so an edit elsewhere mid-test cannot split the key.
-    monkeypatch.setattr("slimnet.sparse_cache.code_version", lambda: "pinned")
+    monkeypatch.setattr("slimnet.run.sparse_cache.code_version", lambda: "pinned")
     overrides = [*TINY, "prune.reuse_sparse=true", f"prune.cache_dir={tmp_path / 'cache'}", "latency.enabled=false",
                  "data.augment=true"]  # the augmentation's draws from torch's generator must line up too
     trained = train(compose_cfg(*overrides), tmp_path / "trained")
@@ -154,7 +154,7 @@ def test_pareto_front():
 
 
 def test_curve_draws_each_job_as_what_it_is_and_merges_coinciding_points(tmp_path):
-    from slimnet.sweep import _group_label, coinciding, kind_of, plot
+    from slimnet.run.sweep import _group_label, coinciding, kind_of, plot
 
     def row(job, thresh, flops, acc, percent=None):
         return {"job": job, "status": "ok", "thresh": thresh, "percent": percent, "target_flops": None,

@@ -25,9 +25,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from slimnet import prune
+from slimnet.engine.surgery import replay_plan
 from slimnet.graph import trace_channel_groups
 from slimnet.models import create_model
-from slimnet.surgery import replay_plan
 
 NUM_CLASSES = 10
 ZOO = [

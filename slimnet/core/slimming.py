@@ -23,13 +23,13 @@ import warnings
 import torch
 from torch import nn
 
-from slimnet._modes import preserved_modes
-from slimnet.api import prune
-from slimnet.fold import InputStats
+from slimnet.engine.cut import prune
+from slimnet.engine.fold import InputStats
+from slimnet.engine.optim_state import carry_optimizer_state, retarget_optimizer
+from slimnet.engine.plan import PrunePlan, mark_frozen, restrict_to
+from slimnet.engine.surgery import replay_plan
 from slimnet.graph import trace_channel_groups
-from slimnet.optim_state import carry_optimizer_state, retarget_optimizer
-from slimnet.plan import PrunePlan, mark_frozen, restrict_to
-from slimnet.surgery import replay_plan
+from slimnet.modes import preserved_modes
 
 PLAN_KEY = "slimnet_plan"  # in the saved state: the plan, as JSON
 

@@ -17,7 +17,7 @@ One idea a file:
 * ``synthetic``     -- ``SyntheticDataModule`` (tiny, learnable, for tests)
 * ``registry``      -- ``DATAMODULES`` and ``build_datamodule(name, **kwargs)``
 
-A user's own LightningDataModule (``data=custom data._target_=...``) is handled by ``slimnet.custom_data``.
+A user's own LightningDataModule (``data=custom data._target_=...``) is handled by ``slimnet.data.custom``.
 Everything that ``slimnet/data.py`` offered before the split is importable from here unchanged.
 """
 

@@ -3,7 +3,7 @@
     python -m slimnet.export outputs/2026-05-09/10-00-00                   # a run dir: its pruned.pt -> ONNX
     python -m slimnet.export outputs/.../pruned.pt format=torchscript batch=32
     python -m slimnet.export pruned.pt format=pt2 input_size=28 data=fashion_mnist
-    python -m slimnet.export outputs/<detection run> format=torchscript  # slimnet/detection/export.py
+    python -m slimnet.export outputs/<detection run> format=torchscript  # slimnet/tasks/detection/export.py
     python -m slimnet.export --help
 
 Formats:
@@ -22,9 +22,7 @@ max|y_torch|``; past that the command exits 1 with a one-line message.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -34,8 +32,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from slimnet._modes import preserved_modes
 from slimnet.errors import first_line
+from slimnet.modes import preserved_modes
 
 FORMATS = ("onnx", "torchscript", "pt2")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "pt2": ".pt2"}
@@ -197,7 +195,7 @@ def _run_facts(source: Path) -> tuple[Path, dict]:
     return artifact, facts
 
 
-def _parse_size(size: str | int) -> tuple[int, int]:
+def parse_size(size: str | int) -> tuple[int, int]:
     h, _, w = str(size).lower().partition("x")
     return int(h), int(w or h)
 
@@ -231,7 +229,7 @@ def check_inputs(facts: dict, model_config: dict | None, batch: int, input_size=
         if channels is None:
             raise ValueError("input_size given but the channel count is unknown: the artifact has no "
                              "model config. Hint: export from the run dir, whose results.json knows it")
-        shape = [int(channels), *_parse_size(input_size)]
+        shape = [int(channels), *parse_size(input_size)]
     elif facts.get("input_shape"):
         shape = list(facts["input_shape"])
     else:
@@ -245,12 +243,7 @@ def export_artifact(source: str | Path, format: str = "onnx", out: str | Path | 
                     opset: int | None = None, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
                     input_size=None, data: str = "auto") -> ExportReport:
     """What ``python -m slimnet.export`` does: load a pruned artifact (or a run dir's), export, check."""
-    from slimnet.artifact import load_pruned
-    from slimnet.detection.export import export_detector, is_detection_source
-
-    if is_detection_source(source):  # a detection run or its .ckpt: slimnet/detection/export.py
-        return export_detector(source, format, out=out, batch=batch, opset=opset, atol=atol, rtol=rtol,
-                               input_size=input_size)
+    from slimnet.engine.artifact import load_pruned
 
     if format not in EXPORTERS:
         raise ValueError(f"unknown format {format!r}; choose one of: {', '.join(FORMATS)}")
@@ -260,77 +253,3 @@ def export_artifact(source: str | Path, format: str = "onnx", out: str | Path | 
     stem = artifact.name.removesuffix(".pt")
     path = Path(out) if out else artifact.with_name(stem + SUFFIXES[format])
     return export_and_check(model, inputs, path, format, atol=atol, rtol=rtol, opset=opset, inputs_note=note)
-
-
-# --------------------------------------------------------------------------------------------------
-# Command line: a path, then key=value flags (the same syntax as python -m slimnet.train overrides)
-# --------------------------------------------------------------------------------------------------
-
-# key -> (type, default, help)
-OPTIONS = {
-    "format": (str, "onnx", "onnx | torchscript | pt2 (torch.export; TorchScript is deprecated in 2.14)"),
-    "out": (str, None, "output file (default: beside the artifact, pruned.onnx / .torchscript.pt / .pt2)"),
-    "batch": (int, 8, "inputs in the numerical check"),
-    "opset": (int, None, "ONNX opset (default: torch's, 20 in torch 2.14)"),
-    "atol": (float, DEFAULT_ATOL, "absolute tolerance of the check"),
-    "rtol": (float, DEFAULT_RTOL, "relative tolerance, times max|PyTorch output|"),
-    "input_size": (str, None, "H or HxW, when the run does not record its input shape"),
-    "data": (str, "auto", "auto (the run's data) | random | a dataset name, e.g. fashion_mnist"),
-}
-
-
-def _parser() -> argparse.ArgumentParser:
-    keys = "\n".join(f"  {k + '=' + ('null' if d is None else str(d)):<18} {h}"
-                     for k, (_, d, h) in OPTIONS.items())
-    parser = argparse.ArgumentParser(
-        prog="python -m slimnet.export", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Export a pruned model (a pruned.pt artifact, or a run dir holding one) and check the "
-                    "exported file against PyTorch on real test images (random inputs if the data is "
-                    "unknown).",
-        epilog=f"flags (key=value):\n{keys}\n\nexit status: 0 ok, 1 numerical check failed, 2 usage or "
-               "input error\nexample:\n  python -m slimnet.export outputs/2026-05-09/10-00-00 format=onnx")
-    parser.add_argument("source", help="pruned artifact (.pt) or a run directory containing pruned.pt; a "
-                                       "detection run directory or its .ckpt (onnx or torchscript)")
-    parser.add_argument("flags", nargs="*", metavar="key=value", help="see the flags below")
-    return parser
-
-
-def parse_flags(parser: argparse.ArgumentParser, flags: list[str]) -> dict:
-    values = {k: d for k, (_, d, _) in OPTIONS.items()}
-    for flag in flags:
-        key, sep, raw = flag.lstrip("-").partition("=")
-        if not sep or key not in OPTIONS:
-            parser.error(f"unknown flag {flag!r}; use key=value with key one of: {', '.join(OPTIONS)}")
-        kind = OPTIONS[key][0]
-        try:
-            values[key] = None if raw.lower() in ("null", "none") else kind(raw)
-        except ValueError:
-            parser.error(f"{key}={raw!r}: expected a {kind.__name__}")
-    if values["format"] not in FORMATS:
-        parser.error(f"format={values['format']!r}; choose one of: {', '.join(FORMATS)}")
-    return values
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    flags = parse_flags(parser, args.flags)
-    try:
-        report = export_artifact(args.source, **flags)
-    except (FileNotFoundError, ValueError, ImportError) as err:
-        print(f"slimnet.export: {err}", file=sys.stderr)
-        return 2
-    size_kb = Path(report.path).stat().st_size / 1024
-    print(f"exported {report.path} ({report.format}, {size_kb:.0f} KB) in {report.export_seconds:.1f} s")
-    print(report.summary())
-    if not report.passed:
-        print(f"slimnet.export: FAILED: {report.format} output differs from PyTorch by "
-              f"{report.max_abs_diff:.3g} > tolerance {report.tolerance:.3g} on {report.inputs}; "
-              f"do not deploy {report.path}",
-              file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

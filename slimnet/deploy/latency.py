@@ -45,8 +45,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimnet._modes import preserved_modes
 from slimnet.errors import first_line
+from slimnet.modes import preserved_modes
 
 BACKENDS = ("eager", "channels_last", "compile", "onnxruntime")
 DEFAULT_BACKENDS = ("eager", "compile", "onnxruntime")

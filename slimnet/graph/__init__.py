@@ -32,7 +32,7 @@ recorded; every frozen group holding a norm gets one warning naming its layers a
 unknown ops one warning per kind), so a model is never cut somewhere we do not understand, silently.
 
 The forward is captured by ``torch.fx`` symbolic tracing, or by ``torch.export`` when that fails
-(``slimnet.capture``). fx graphs get their shapes from running on *meta* tensors (no compute, no
+(``slimnet.graph.capture``). fx graphs get their shapes from running on *meta* tensors (no compute, no
 memory, the model's own tensors untouched); a forward the meta device cannot run falls back to one
 real forward. Export graphs carry their shapes.
 
@@ -55,9 +55,9 @@ from slimnet.graph.groups import AxisRef, ChannelGraph, ChannelGroup
 from slimnet.graph.ops import COMPUTE_OPS, NORM_TYPES, OPS, channelwise, elementwise, opaque
 from slimnet.graph.outputs import SHAPE_ONLY_OUTPUTS
 from slimnet.graph.registry import OpTable, reads_stacked
-from slimnet.graph.shapes import _meta_shapes  # noqa: F401 - measure.py shares the shape pass
+from slimnet.graph.shapes import meta_shapes  # noqa: F401 - measure.py shares the shape pass
 from slimnet.graph.spaces import Layout, Segment, Stacked
-from slimnet.graph.tracing import TraceError, _as_batch_of_two, _trace  # noqa: F401 - and the tracer
+from slimnet.graph.tracing import TraceError, as_batch_of_two, symbolic_graph  # noqa: F401 - and the tracer
 
 __all__ = [
     "COMPUTE_OPS", "NORM_TYPES", "OPS", "SHAPE_ONLY_OUTPUTS", "AxisRef", "ChannelGraph", "ChannelGroup", "Layout",

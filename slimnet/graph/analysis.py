@@ -14,12 +14,12 @@ import torch
 from torch import fx, nn
 from torch.nn.modules.conv import _ConvNd
 
-from slimnet._modes import preserved_modes
 from slimnet.graph.groups import AxisRef, ChannelGraph, ChannelGroup, layer_names, listing
 from slimnet.graph.ops import COMPUTE_OPS, NORM_TYPES, OPS
 from slimnet.graph.outputs import output_leaves, path_key, shape_only_output_keys
 from slimnet.graph.spaces import Layout, Segment, Stacked, _Space, expand, layout_size
-from slimnet.graph.tracing import _as_batch_of_two, _capture
+from slimnet.graph.tracing import _capture, as_batch_of_two
+from slimnet.modes import preserved_modes
 
 
 class _Analysis:
@@ -403,7 +403,7 @@ def trace_channel_groups(model: nn.Module, example_inputs, leaf_modules=()) -> C
     """
     with preserved_modes(model):
         model.train()  # the train-mode graph includes auxiliary heads that also consume channels
-        graph, shapes = _capture(model, tuple(leaf_modules), _as_batch_of_two(example_inputs))
+        graph, shapes = _capture(model, tuple(leaf_modules), as_batch_of_two(example_inputs))
     analysis = _Analysis(model, graph, shapes)
     analysis.run()
     return analysis.result()

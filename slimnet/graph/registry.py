@@ -32,7 +32,7 @@ Example: a custom activation traced as a function, and a custom module kept as o
                                                           # keeps it whole, so the handler sees it
 
 Lookups: functions by identity, methods by name, modules along the class's MRO. Graphs captured by
-``torch.export`` (when fx cannot trace the forward) hold ATen ops: ``slimnet.capture`` maps the ones it
+``torch.export`` (when fx cannot trace the forward) hold ATen ops: ``slimnet.graph.capture`` maps the ones it
 knows back to torch functions, so a handler registered for an ATen op (``torch.ops.aten.x.default``)
 reaches those graphs.
 """

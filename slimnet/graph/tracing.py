@@ -1,5 +1,5 @@
 """Capture a forward as a graph with module targets: ``torch.fx`` symbolic tracing first, ``torch.export``
-(``slimnet.capture``) when that fails, a :class:`TraceError` naming both causes when neither can.
+(``slimnet.graph.capture``) when that fails, a :class:`TraceError` naming both causes when neither can.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class _Tracer(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
 
-def _trace(model: nn.Module, leaf_types: tuple[type, ...]) -> fx.Graph:
+def symbolic_graph(model: nn.Module, leaf_types: tuple[type, ...]) -> fx.Graph:
     """The forward as an ``fx.Graph`` whose module targets are ``model``'s own qualified names (run it
     with ``fx.Interpreter(model, graph=graph)``: no ``GraphModule``, no code generation)."""
     tracer = _Tracer(leaf_types)
@@ -59,9 +59,9 @@ def _capture(model: nn.Module, leaf_types: tuple[type, ...], example_inputs: tup
     first (10-30 ms), ``torch.export`` when that fails (0.2-3 s; it specialises shape checks and unpacks
     ``*args``), a :class:`TraceError` naming both causes when neither can."""
     try:
-        graph = _trace(model, leaf_types)
+        graph = symbolic_graph(model, leaf_types)
     except TraceError as fx_err:
-        from slimnet.capture import export_graph  # only needed for forwards fx cannot read
+        from slimnet.graph.capture import export_graph  # only needed for forwards fx cannot read
 
         try:
             return export_graph(model, example_inputs, NORM_TYPES)
@@ -88,7 +88,7 @@ def _frames(tb) -> list[str]:
     return out
 
 
-def _as_batch_of_two(example_inputs) -> tuple:
+def as_batch_of_two(example_inputs) -> tuple:
     """Train-mode BatchNorm needs more than one value per channel, so trace with a batch of two."""
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)

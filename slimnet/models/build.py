@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from slimnet._locate import accepted, locate, unknown_keywords
+from slimnet.locate import accepted, locate, unknown_keywords
 from slimnet.models.registry import create_model
 
 # Filled in from the data when the callable takes them.

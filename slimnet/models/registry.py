@@ -67,6 +67,11 @@ def list_models(pattern: str | None = None) -> list[str]:
     return fnmatch.filter(names, pattern) if pattern else names
 
 
+def model_builder(name: str) -> ModelBuilder:
+    """The callable registered as ``name`` (what a config's keys are checked against)."""
+    return _MODELS[_lookup(name)]
+
+
 def _lookup(name: str) -> str:
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")

@@ -1,0 +1,348 @@
+"""The plain-PyTorch entry points: ``prune`` a model in place and get a report back.
+
+No Lightning, no Hydra: ``graph`` finds the channel groups, ``plan`` decides from |γ|, ``fold`` moves
+what the removed channels still emit into the remaining biases, ``surgery`` cuts.
+``zeroed.prune_zeroed`` runs the same steps with a plan read from zeroed filters instead of |γ|.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn.modules.conv import _ConvNd
+
+from slimnet.engine.budget import threshold_for_flops
+from slimnet.engine.fold import InputStats, fold_removed_inputs
+from slimnet.engine.measure import (
+    count_flops,
+    count_params,
+    flops_from_uses,
+    reads_training,
+    weight_uses,
+    weight_uses_from_forward,
+)
+from slimnet.engine.optim_state import ParamSnapshot
+from slimnet.engine.plan import (
+    PlanDecision,
+    PrunePlan,
+    decide,
+    group_scores,
+    groups_summary,
+    mark_frozen,
+    restrict_to,
+    why_nothing_cut,
+)
+from slimnet.engine.report import PruneReport
+from slimnet.engine.surgery import apply_plan, check_plan, transaction
+from slimnet.errors import NothingCutError, first_line
+from slimnet.graph import NORM_TYPES, ChannelGraph, trace_channel_groups
+from slimnet.modes import preserved_modes
+
+
+def layer_widths(model: nn.Module) -> dict[str, int]:
+    """Channels per conv (filters), linear (outputs) and BatchNorm (entries), by module name."""
+    widths = {}
+    for name, m in model.named_modules():
+        if isinstance(m, _ConvNd):
+            widths[name] = m.out_channels
+        elif isinstance(m, nn.Linear):
+            widths[name] = m.out_features
+        elif isinstance(m, NORM_TYPES):
+            widths[name] = m.weight.shape[0] if getattr(m, "weight", None) is not None else m.num_features
+    return widths
+
+
+def current_plan(model: nn.Module) -> PrunePlan | None:
+    """The plan a model was cut by (composed over passes), or None if it was never pruned."""
+    return getattr(model, "slimnet_plan", None)
+
+
+def prune(
+    model: nn.Module,
+    example_inputs,
+    *,
+    thresh: float | None = None,
+    percent: float | None = None,
+    target_flops: float | None = None,
+    min_channels: int = 1,
+    round_to: int = 1,
+    fold_bias: bool = True,
+    leaf_modules=(),
+    within=None,
+    input_stats: InputStats | None = None,
+    cut_frozen: bool = False,
+) -> dict:
+    """Remove the channels whose BatchNorm |γ| is small, for real, in place.
+
+    Args:
+        model: any traceable ``nn.Module`` with BatchNorm layers.
+        example_inputs: a tensor (or tuple) of the shape the model takes. With ``fold_bias`` its values
+            matter a little: the removed channels' outputs are averaged over it (a batch of real data
+            is best when γ is small but not zero; for γ = 0 any input gives the exact constant).
+        thresh: keep channels with |γ| > thresh (absolute; wins over ``percent``). One that removes
+            nothing is a warning saying which thresholds would (or that the |γ| are tied).
+        percent: prune this fraction of all BatchNorm channels, ranked globally by |γ| (Liu et al.);
+            channels kept whole anyway (frozen γ, outside ``within``, ops not understood) do not count.
+            A tie of equal |γ| across the cut (all 0 after a sparse phase, all 1 in a fresh model) is
+            split as ``target_flops`` splits it: lowest β first, evenly over the layers.
+        target_flops: keep at most this fraction of the FLOPs: the lowest |γ| threshold that fits the
+            budget is searched on the model as it is (no training per probe); wins over ``percent``.
+            Channels tied at one |γ| (e.g. many at exactly 0) are cut lowest β first, so the budget
+            is met inside the tie rather than overshot.
+        min_channels: no layer keeps fewer channels than this (the paper's code could empty a layer).
+        round_to: keep channel counts a multiple of this, rounding up.
+        fold_bias: fold the (near-)constant output of removed channels, ``act(β)`` when γ → 0, into the
+            bias of the layers that read them (see ``slimnet.engine.fold``), so accuracy right after the cut
+            is close to the sparse model's.
+        leaf_modules: module classes kept as black boxes when tracing.
+        within: cut only channel groups whose norms all lie in these sub-modules (a dotted name or a
+            list; e.g. ``"backbone.body"`` of a traced detector trunk). Layers outside that read those
+            channels lose them too; the rest of the model is left whole. None: everywhere.
+        input_stats: each layer's input statistics recorded beforehand over real data in eval mode
+            (``slimnet.engine.fold.InputStats``): folding uses them instead of a forward over
+            ``example_inputs`` (``SlimmingCallback`` records them, so it never keeps raw samples).
+        cut_frozen: rank and cut norms whose γ does not require grad (``requires_grad=False``, e.g. a
+            detector's frozen stages, or FrozenBatchNorm2d, whose γ is a buffer) as if they had been
+            sparsity-trained. By default their channel groups are kept whole and named in the warnings.
+
+    Returns:
+        a ``PruneReport``: ``flops_before/after``, ``params_before/after``, ``threshold``, ``channels``
+        (module -> [before, after] for every layer that changed), ``groups``, ``warnings``, ``folded``
+        (layers that absorbed removed channels' constants), ``plan`` and ``pass_plan``.
+        ``threshold`` is the largest |γ| cut; ``threshold_reproduces`` says whether ``thresh=threshold``
+        on the same model gives the same plan (not when the cut split a tie: the warnings say which).
+
+    Raises:
+        ValueError: the model has no BatchNorm (nothing to slim), or the policy is invalid.
+        slimnet.errors.NothingCutError: ``percent`` > 0 or ``target_flops`` < 1 would remove nothing
+            (every group frozen, outside ``within`` or at ``min_channels``); the model is unchanged.
+    """
+    if thresh is not None and target_flops is not None:
+        raise ValueError("prune: give thresh or target_flops, not both")
+    if not any(isinstance(m, NORM_TYPES) for m in model.modules()):
+        norms = sorted({type(m).__name__ for m in model.modules() if "Norm" in type(m).__name__})
+        raise ValueError(
+            f"nothing to slim: {type(model).__name__} has no BatchNorm layer, so there is no γ to rank "
+            f"channels by{' (it normalises with ' + ', '.join(norms) + ')' if norms else ''}. Network slimming "
+            "needs BatchNorm after the convs you want to prune. Hint: slimnet.prune_zeroed(model, x) turns "
+            "filters you zeroed yourself (e.g. with torch.nn.utils.prune) into a smaller model.")
+
+    asked = _asked(thresh, percent, target_flops)
+    if target_flops is not None:
+        with torch.no_grad():
+            found, _ = threshold_for_flops(model, example_inputs, target_flops, min_channels=min_channels,
+                                           round_to=round_to, leaf_modules=leaf_modules, within=within,
+                                           cut_frozen=cut_frozen)
+        thresh, percent = (found, None) if found > -math.inf else (None, 0.0)
+    seen: list[tuple[ChannelGraph, PlanDecision]] = []
+
+    def choose(graph: ChannelGraph, stats: InputStats) -> PlanDecision:
+        known = len(graph.warnings)
+        graph = mark_frozen(restrict_to(graph, within), model, cut_frozen)
+        for message in graph.warnings[known:]:  # frozen γ: named, once, as the trace's own warnings are
+            warnings.warn(f"prune: {message}", stacklevel=4)
+        decision = decide(graph, model, thresh=thresh, percent=percent, min_channels=min_channels,
+                          round_to=round_to, tie_break=target_flops is not None)
+        seen.append((graph, decision))
+        if not decision.plan and _wants_a_cut(asked):  # refused before any tensor changes: all or nothing
+            raise NothingCutError(f"prune: {_policy_text(asked)} removes nothing, the model is unchanged: "
+                                  + _why(graph, model, decision, min_channels))
+        if target_flops is not None:  # the policy asked for, not the threshold the search found
+            decision.plan.policy = {**asked, "min_channels": min_channels, "round_to": round_to}
+        return decision
+
+    report = run_surgery(model, example_inputs, choose, fold_bias=fold_bias, measure_inputs=fold_bias,
+                         leaf_modules=leaf_modules, caller="prune", input_stats=input_stats)
+    (graph, decision), notes = seen[0], []
+    if "thresh" in asked and not report.channels:
+        notes.append(nothing_cut_message(graph, model, report.threshold, min_channels))
+    if decision.split_tie is not None:
+        notes.append(_split_tie_message(decision, asked))
+    for message in notes:
+        warnings.warn(f"prune: {message}", stacklevel=2)
+        report.warnings.append(f"prune: {message}")
+    return report
+
+
+def _asked(thresh, percent, target_flops) -> dict:
+    """The one policy the user asked for, as they wrote it (``thresh`` wins over ``percent``)."""
+    if target_flops is not None:
+        return {"target_flops": target_flops}
+    return {"thresh": thresh} if thresh is not None else {"percent": percent}
+
+
+def _why(graph: ChannelGraph, model: nn.Module, decision: PlanDecision, min_channels: int) -> str:
+    """Why a cut removes nothing: a ``percent`` under one channel, or what ``why_nothing_cut`` finds."""
+    if decision.threshold == -math.inf and group_scores(graph, model):  # ranked, but nothing under the cut-off
+        return "that is less than one channel of those it can rank (raise it)"
+    return why_nothing_cut(graph, model, min_channels)
+
+
+def _wants_a_cut(asked: dict) -> bool:
+    """``percent`` > 0 or ``target_flops`` < 1 ask for channels to go; a ``thresh`` only bounds |γ|."""
+    return (asked.get("percent") or 0) > 0 or asked.get("target_flops", 1) < 1
+
+
+def _policy_text(asked: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in asked.items())
+
+
+def _split_tie_message(decision: PlanDecision, asked: dict) -> str:
+    """Why ``thresh=report.threshold`` would not give this cut back, and what would."""
+    n, value = decision.split_tie
+    return (f"thresh={decision.threshold:.4g} would not reproduce this cut: it splits a tie of {n} channels at "
+            f"|γ| = {value:.4g} (lowest β first), which a threshold cuts whole or not at all; pass "
+            f"{_policy_text(asked)} to reproduce it")
+
+
+def nothing_cut_message(graph: ChannelGraph, model: nn.Module, threshold: float | None, min_channels: int) -> str:
+    """Why a ``thresh`` cut removed nothing, and which thresholds would remove something: silence is a bug.
+
+    Suggestions come with the share they really select (a threshold selects every |γ| at or below it,
+    so inside a tie it selects the whole tie); when the |γ| a threshold could split are all one value,
+    it says so instead of suggesting one threshold for three shares."""
+    at = f"|γ| threshold {threshold:.4g}" if threshold is not None else "this policy"
+    scores = group_scores(graph, model)
+    if not scores:
+        return f"the cut removed nothing at {at}: " + why_nothing_cut(graph, model, min_channels)
+    flat = torch.cat(list(scores.values()))
+    q = torch.quantile(flat, torch.tensor([0.3, 0.5, 0.7]), interpolation="lower")  # real |γ| values
+    if q[0] == q[-1]:  # at least 40% of the channels share one |γ|
+        tied = int((flat == q[0]).sum())
+        who = f"all {tied}" if tied == len(flat) else f"{tied} of the {len(flat)}"
+        return (f"the cut removed nothing at {at}: {who} rankable channels have |γ| = {float(q[0]):.4g}: a threshold "
+                "cannot split them; use percent= or target_flops=, which break ties by β, or sparsity-train first")
+    picks = torch.unique(q)
+    shares = [f"{float((flat <= t).double().mean()):.0%}".rstrip("%") for t in picks]
+    return (f"the cut removed nothing at {at}: the rankable channels' |γ| run min {float(flat.min()):.3g}, median "
+            f"{float(flat.median()):.3g}, max {float(flat.max()):.3g}; thresh={' / '.join(f'{float(t):.3g}' for t in picks)} "
+            f"would select {' / '.join(shares)}% of them (or use percent= / target_flops=; a longer or stronger "
+            "sparse phase pushes more γ to zero)")
+
+
+@torch.no_grad()
+def _runs_after_rewriting(model: nn.Module, inputs, plan) -> None:
+    """The plan rewrote size attributes (split sizes, slice bounds) on the evidence that each equals the
+    size the forward uses; run the cut model once to be sure. If it fails, the cut is rolled back (the
+    caller's transaction) and the error names the attributes, instead of a model that breaks later."""
+    inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+    try:
+        with preserved_modes(model):
+            model.eval()(*inputs)
+    except Exception as err:  # noqa: BLE001 - any failure means the rewrite was wrong
+        names = ", ".join(f"{m}.{a}" for m, values in plan.attrs.items() for a in values)
+        raise RuntimeError(f"prune: the cut model does not run after rewriting {names} ({first_line(err)}): the "
+                           "forward does not use those attributes as its sizes; the model is left as it was. "
+                           "Hint: register the op in slimnet.graph.OPS, or pass the module in leaf_modules") from None
+
+
+@torch.no_grad()
+def _record_inputs(model: nn.Module, inputs) -> InputStats:
+    """Each layer's input statistics in eval mode over ``inputs``: the one real forward folding needs."""
+    stats = InputStats(model)
+    inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+    with stats.recording(), preserved_modes(model):
+        model.eval()
+        model(*inputs)
+    return stats
+
+
+def _flops(model: nn.Module, example_inputs, uses: dict[str, int] | None) -> int:
+    """The report's FLOPs: on shapes (``measure.weight_uses``) when the forward allows, else counted."""
+    return flops_from_uses(model, uses) if uses is not None else count_flops(model, example_inputs)[0]
+
+
+def run_surgery(
+    model: nn.Module,
+    example_inputs,
+    choose: Callable[[ChannelGraph, InputStats], PlanDecision],
+    *,
+    fold_bias: bool,
+    measure_inputs: bool,
+    stats_inputs=None,
+    leaf_modules=(),
+    caller: str = "prune",
+    input_stats: InputStats | None = None,
+) -> PruneReport:
+    """Measure, trace, let ``choose`` decide a plan, fold, cut, and report: the steps every entry shares.
+
+    ``measure_inputs``: record each layer's input statistics (needed by ``fold_bias`` and by choosers
+    that look at activations), over ``stats_inputs`` if given, else over ``example_inputs``;
+    ``input_stats``: statistics already recorded, used instead (nothing is recorded here).
+    """
+    clock = _Clock()
+    before = ParamSnapshot(model)  # lets carry_optimizer_state slice an optimizer's state afterwards
+    with preserved_modes(model):
+        graph = trace_channel_groups(model, example_inputs, leaf_modules)
+        for message in graph.warnings:
+            warnings.warn(f"{caller}: {message}", stacklevel=3)
+    clock.lap("trace")
+    # Output positions per conv/linear give the FLOPs before and after the cut from weight shapes alone:
+    # the traced (train-mode) graph's when no module reads `training`, else an eval-mode trace's.
+    uses = graph.uses if not reads_training(model) else weight_uses(model, example_inputs)
+    stats = InputStats(model)
+    if input_stats is not None:
+        stats, measure_inputs = input_stats, False
+    if uses is None:  # not countable on shapes: positions from one real forward, folding's if it needs one
+        inputs = example_inputs if stats_inputs is None or not measure_inputs else stats_inputs
+        uses = weight_uses_from_forward(model, inputs, stats.recording(enabled=measure_inputs))
+    elif measure_inputs:
+        stats = _record_inputs(model, example_inputs if stats_inputs is None else stats_inputs)
+    flops_before, params_before = _flops(model, example_inputs, uses), count_params(model)
+    widths_before = layer_widths(model)
+    clock.lap("measure")
+    with preserved_modes(model):
+        decision = choose(graph, stats)
+        plan = decision.plan
+        clock.lap("plan")
+        folded = []
+        check_plan(model, plan)  # all or nothing: before folding changes a bias
+        touched = [*plan.keep, *plan.attrs, *(graph.norm_after[n] for n in plan.keep if n in graph.norm_after)]
+        with transaction(model, touched):
+            if fold_bias and plan:
+                result = fold_removed_inputs(model, graph, plan, stats)
+                plan.add_bias, folded = result.new_bias, result.folded
+            clock.lap("fold")
+            apply_plan(model, plan, checked=True)
+            if plan.attrs:
+                _runs_after_rewriting(model, example_inputs, plan)
+        clock.lap("cut")
+    previous = current_plan(model)
+    model.slimnet_plan = previous.then(plan) if previous is not None else plan
+    flops_after, params_after = _flops(model, example_inputs, uses), count_params(model)
+    widths_after = layer_widths(model)
+    clock.lap("measure_after")
+    return PruneReport(
+        threshold=decision.threshold,
+        threshold_reproduces=decision.reproduces,
+        flops_before=flops_before,
+        flops_after=flops_after,
+        params_before=params_before,
+        params_after=params_after,
+        channels={n: [widths_before[n], w] for n, w in widths_after.items() if w != widths_before.get(n)},
+        groups=groups_summary(graph, decision.kept),
+        floored=decision.floored,
+        warnings=list(graph.warnings),
+        folded=folded,
+        # wall time per step; "surgery" is trace + plan + fold + cut (the measure steps count FLOPs on
+        # shapes for this report, and the first also records the inputs folding needs: one real forward)
+        seconds={**clock.laps, "surgery": sum(clock.laps[k] for k in ("trace", "plan", "fold", "cut"))},
+        plan=model.slimnet_plan,
+        pass_plan=plan,
+        before=before,
+    )
+
+
+class _Clock:
+    def __init__(self):
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name], self._last = now - self._last, now

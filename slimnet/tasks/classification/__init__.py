@@ -1,0 +1,1 @@
+"""Classification: ``SlimModule`` (``module``) and each phase's optimizer and schedule (``optimizers``)."""
