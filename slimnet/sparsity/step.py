@@ -273,6 +273,7 @@ class SparsityStep:
         self.penalty = penalty or Penalty()
         self.lam = lam if callable(lam) else (lambda value=float(lam): value)
         self.last_lam = 0.0
+        self.taken = 0  # updates the optimizer really made (an AMP overflow's skipped step is not one)
         self._pending: tuple | None = None
         self._groups = self._by_group(list(gammas))
         self._metric = preconditioner(optimizer) if self.mode == "proximal" else None
@@ -337,12 +338,14 @@ class SparsityStep:
 
     @torch.no_grad()
     def _after_step(self, optimizer, args, kwargs) -> None:
+        if _skipped(optimizer):  # a fused optimizer left γ and its state as they were: so do we
+            self._pending = None
+            return
+        self.taken += 1
         if self._pending is None:
             return
         lam, signs, fresh = self._pending
         self._pending = None
-        if _skipped(optimizer):  # a fused optimizer left γ and its state as they were: so do we
-            return
         for (group, mine), sign, first in zip(self._groups, signs, fresh):
             stepped = [i for i, p in enumerate(mine) if p.grad is not None]  # no gradient, no update
             if not stepped:

@@ -8,22 +8,13 @@ name), hooks the L1 step onto whatever optimizers the module's own ``configure_o
 from __future__ import annotations
 
 import logging
-import math
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 
+from slimnet.core.sparsity import Sparsity
 from slimnet.core.submodule import resolve_submodule
-from slimnet.sparsity.controller import LamController
-from slimnet.sparsity.step import (
-    KINDS,
-    MODES,
-    SparsityStep,
-    bn_gammas,
-    gamma_stats,
-    init_gammas,
-    make_penalty,
-)
+from slimnet.sparsity.step import POLARIZATION_T
 
 log = logging.getLogger(__name__)
 
@@ -87,127 +78,73 @@ class SparsityCallback(Callback):
 
     def __init__(self, lam: float, until_epoch: int | None = None, lam_after: float = 0.0,
                  module: str | None = None, mode: str = "auto", gamma_init: float | None = None,
-                 log_stats: bool = True, kind: str = "l1", t: float = 1.4, bound: float = 1.0,
+                 log_stats: bool = True, kind: str = "l1", t: float = POLARIZATION_T, bound: float = 1.0,
                  target: float | None = None, eps: float = 1e-2):
-        for name, value in (("lam", lam), ("lam_after", lam_after)):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"SparsityCallback: {name}={value!r} must be a finite number >= 0")
-        if mode not in MODES:
-            raise ValueError(f"SparsityCallback: mode={mode!r} is unknown; choose one of: {', '.join(MODES)}")
-        if until_epoch is not None and until_epoch < 0:
-            raise ValueError(f"SparsityCallback: until_epoch={until_epoch} must be >= 0 or None")
-        if kind not in KINDS:
-            raise ValueError(f"SparsityCallback: kind={kind!r} is unknown; choose one of: {', '.join(KINDS)}")
-        if target is not None and not (isinstance(target, (int, float)) and 0 < target < 1):
-            raise ValueError(f"SparsityCallback: target={target!r} must be in (0, 1) (a share of BatchNorm channels)")
-        if target is not None and not lam > 0:
-            raise ValueError("SparsityCallback: target= needs a starting lam > 0")
-        self.penalty = make_penalty(kind, t, bound)
-        if target is not None and mode == "auto":
-            mode = "proximal"
-        self.kind, self.target, self.eps = kind, target, eps
-        self.controller: LamController | None = None
-        self.lam, self.until_epoch, self.lam_after = float(lam), until_epoch, float(lam_after)
-        self.module, self.mode, self.gamma_init, self.log_stats = module, mode, gamma_init, log_stats
-        self._steps: list[SparsityStep] = []
-        self._hooked: list[tuple[int, ...]] = []
-        self._trainer: pl.Trainer | None = None
-        self._controller_state: dict | None = None
-        self.history: list[dict] = []  # per epoch: λ and the γ statistics (frac_small = share below eps)
+        self.core = Sparsity(lam, until_epoch, lam_after, mode, gamma_init, kind, t, bound, target, eps,
+                             where="SparsityCallback")
+        self.module, self.log_stats = module, log_stats
+
+    # what the core holds, under the names users and the run's report read
+    lam = property(lambda self: self.core.lam)
+    until_epoch = property(lambda self: self.core.until_epoch)
+    lam_after = property(lambda self: self.core.lam_after)
+    kind = property(lambda self: self.core.kind)
+    target = property(lambda self: self.core.target)
+    eps = property(lambda self: self.core.eps)
+    mode = property(lambda self: self.core.mode)
+    penalty = property(lambda self: self.core.penalty)
+    controller = property(lambda self: self.core.controller)
+    history = property(lambda self: self.core.history)
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(module=self.module)
 
     def current_lam(self) -> float:
-        epoch = self._trainer.current_epoch if self._trainer is not None else 0
-        if self.until_epoch is not None and epoch >= self.until_epoch:
-            return self.lam_after
-        return self.controller.lam if self.controller is not None else self.lam
+        return self.core.current_lam()
+
+    def _net(self, pl_module: pl.LightningModule):
+        return resolve_submodule(pl_module, self.module, "SparsityCallback")
 
     # -- hooks --------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        target = resolve_submodule(pl_module, self.module, "SparsityCallback")
-        gammas = [g for g in bn_gammas(target) if g.requires_grad]
-        if not gammas:
-            frozen = sorted({type(m).__name__ for m in target.modules() if "FrozenBatchNorm" in type(m).__name__})
-            hint = (f" (it has {', '.join(frozen)}: convert it with slimnet.unfreeze_batchnorm first)" if frozen
-                    else " (no BatchNorm, or every γ is frozen)")
-            raise ValueError(f"SparsityCallback: {self.module or type(pl_module).__name__} has no trainable "
-                             f"BatchNorm γ to penalise{hint}")
-        if self.gamma_init is not None and trainer.ckpt_path is None:
-            init_gammas(target, self.gamma_init)
+        if stage == "fit":
+            self.core.prepare(self._net(pl_module), fresh=trainer.ckpt_path is None,
+                              name=self.module or type(pl_module).__name__)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._trainer = trainer
-        if self.target is not None and self.controller is None:
-            epochs = self.until_epoch if self.until_epoch is not None else trainer.max_epochs
-            per_epoch = trainer.estimated_stepping_batches / max(trainer.max_epochs, 1)
-            self.controller = LamController(self.target, self.lam, round(per_epoch * epochs), eps=self.eps)
-            if self._controller_state:
-                self.controller.load_state_dict(self._controller_state)
+        self.core.epoch = trainer.current_epoch
+        self.core.start(trainer.estimated_stepping_batches / max(trainer.max_epochs, 1), trainer.max_epochs)
         self._attach(trainer, pl_module)
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        sparse = self.until_epoch is None or trainer.current_epoch < self.until_epoch
-        if self.controller is not None and sparse and (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
-            self.controller.update([g for step in self._steps for _, mine in step._groups for g in mine])
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.core.epoch = trainer.current_epoch
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if _holding(trainer.optimizers) != self._hooked:  # rebuilt or re-pointed, e.g. after a cut
+        if self.core.needs_attach(trainer.optimizers):  # rebuilt or re-pointed, e.g. after a cut
             self._attach(trainer, pl_module)
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.core.after_step()
+
     def on_train_end(self, trainer, pl_module) -> None:
-        self._detach()
+        self.core.detach()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        stats = gamma_stats(resolve_submodule(pl_module, self.module, "SparsityCallback"), small=self.eps)
-        lam = self.current_lam()  # the λ this epoch ended with (the controller's, when it drives it)
-        self.history.append({"epoch": trainer.current_epoch, "lam": lam, **stats})
+        entry = self.core.end_epoch(self._net(pl_module))
         if self.log_stats:
+            stats = {k: v for k, v in entry.items() if k not in ("epoch", "lam")}
             pl_module.log_dict({f"sparsity/{k}": v for k, v in stats.items()}, sync_dist=False)
-            pl_module.log("sparsity/lam", lam)  # the controller's λ, when it drives it
+            pl_module.log("sparsity/lam", entry["lam"])  # the controller's λ, when it drives it
 
-    # -- work ---------------------------------------------------------------------------------------
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Hook the L1 step onto every optimizer holding some of the γ (each γ on the one that owns it)."""
-        self._detach()
-        gammas = [g for g in bn_gammas(resolve_submodule(pl_module, self.module, "SparsityCallback"))
-                  if g.requires_grad]
-        owned: set[int] = set()
-        for optimizer in trainer.optimizers:
-            held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-            mine = [g for g in gammas if id(g) in held and id(g) not in owned]
-            if mine:
-                owned.update(id(g) for g in mine)
-                self._steps.append(SparsityStep(optimizer, mine, self.current_lam, self.mode, self.penalty))
-        self._hooked = _holding(trainer.optimizers)
-        missing = len(gammas) - len(owned)
+        missing = self.core.attach(self._net(pl_module), trainer.optimizers)
         if missing:
-            log.warning("SparsityCallback: %d of %d BatchNorm γ are in no optimizer (configure_optimizers "
-                        "leaves them out): they get no sparsity step", missing, len(gammas))
-        if not self._steps and gammas and (self.lam or self.lam_after):
-            raise ValueError("SparsityCallback: no optimizer holds the BatchNorm γ; include them in the "
-                             "parameters that configure_optimizers passes to the optimizer")
-
-    def _detach(self) -> None:
-        for step in self._steps:
-            step.remove()
-        self._steps, self._hooked = [], []
+            log.warning("SparsityCallback: %d BatchNorm γ are in no optimizer (configure_optimizers leaves them "
+                        "out): they get no sparsity step", missing)
 
     def state_dict(self) -> dict:
-        return {"lam": self.lam, "until_epoch": self.until_epoch, "lam_after": self.lam_after, "kind": self.kind,
-                "controller": self.controller.state_dict() if self.controller is not None else None,
-                "history": self.history}
+        return self.core.state_dict()
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self._controller_state = state_dict.get("controller")  # a resumed run goes on with the λ it had
-        self.history = list(state_dict.get("history", []))
-
-
-def _holding(optimizers) -> list[tuple[int, ...]]:
-    """Which optimizers hold which parameters: a cut either rebuilds the optimizers or points the same
-    ones at new parameters, and either way the step must be hooked onto the new γ."""
-    return [(id(o), *(id(p) for group in o.param_groups for p in group["params"])) for o in optimizers]
+        self.core.load_state_dict(state_dict)
