@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from slimnet.engine.artifact import safe_load
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "outputs" / "bench_adam_sparsity"
 BASE = ["experiment=quick", "prune.percent=null", "prune.epoch=null", "trainer.max_epochs=4", "latency.enabled=false",
@@ -62,7 +64,7 @@ def run(name: str) -> dict:
 
 def _gammas(ckpt: Path) -> torch.Tensor:
     """|γ| of every BatchNorm in a Lightning checkpoint (a weight with a running_mean beside it)."""
-    sd = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    sd = safe_load(ckpt)["state_dict"]  # slimnet's own checkpoints load with weights_only=True
     return torch.cat([w.abs().flatten() for k, w in sd.items()
                       if k.endswith(".weight") and k[:-len("weight")] + "running_mean" in sd])
 
