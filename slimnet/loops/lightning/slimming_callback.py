@@ -99,12 +99,15 @@ class SlimmingCallback(Callback):
         self.core = Slimming(epoch, thresh, percent, target_flops, min_channels=min_channels, round_to=round_to,
                              fold_bias=fold_bias, carry_optimizer_state=carry_optimizer_state, cut_frozen=cut_frozen,
                              leaf_modules=leaf_modules, within=within, where="SlimmingCallback")
-        self.epoch = epoch
         self.module, self.example_input, self.module_input = module, example_input, module_input
         self.restart_schedule, self.evaluate = restart_schedule, evaluate
         self.save_sparse, self.on_sparse_saved = save_sparse, on_sparse_saved
         self.report: dict | None = None
         self._inputs: tuple | None = None  # the sub-module's example input (batch of one is enough)
+
+    @property
+    def epoch(self) -> int:
+        return self.core.epoch
 
     @property
     def done(self) -> bool:
