@@ -23,6 +23,26 @@ class NothingCutError(UserError, ValueError):
     scope, or at ``min_channels``): raised before anything changes, so the model is left as it was."""
 
 
+class TraceError(UserError, RuntimeError):
+    """The model could not be captured by ``torch.fx``; the message ends with a hint."""
+
+
+class TargetImportError(UserError, ImportError):
+    """A ``_target_`` that cannot be imported; the message says what to make importable."""
+
+
+class DataNotFoundError(UserError, RuntimeError):
+    """A data set that is not where the config says and cannot be downloaded; the message says where to put it."""
+
+
+class DataError(UserError, ValueError):
+    """A data module that cannot serve the run; the message says what to add."""
+
+
+class ConfigError(UserError, ValueError):
+    """A run config that cannot work; the message names the key and what to set."""
+
+
 # Built-in errors slimnet raises with a message that names the fix (a missing file, a NaN loss).
 USER_ERROR_TYPES: tuple[type[BaseException], ...] = (UserError, FileNotFoundError, FloatingPointError)
 

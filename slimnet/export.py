@@ -4,28 +4,49 @@ and check that the exported file computes what PyTorch computes (docs/deployment
     python -m slimnet.export outputs/<date>/<time> format=onnx
     python -m slimnet.export outputs/<detection run> format=torchscript
 
-A pruned artifact goes to ``slimnet.deploy.export``; a detection run (or its .ckpt) to its task's
-exporter, ``slimnet.tasks.detection.export``. The command line lives here, at the top, so that the
+A pruned artifact goes to ``slimnet.deploy.export``; a run whose task has an exporter of its own (a
+detection run, or its .ckpt) to that exporter (``TaskPlugin.export``). The command line lives here, at the top, so that the
 deployment room below never imports a task.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from slimnet.deploy.export import DEFAULT_ATOL, DEFAULT_RTOL, FORMATS, ExportReport, export_artifact
+from slimnet.locate import locate
 
 
 def export(source: str | Path, format: str = "onnx", **flags) -> ExportReport:
-    """Export and check whatever ``source`` is: a detection run or checkpoint, else a pruned artifact."""
-    from slimnet.tasks.detection.export import export_detector, is_detection_source
-
-    if is_detection_source(source):
+    """Export and check whatever ``source`` is: a run whose task exports itself (a detection run, or its
+    .ckpt), else a pruned artifact."""
+    exporter = task_exporter(source)
+    if exporter is not None:
         flags.pop("data", None)  # a detector is checked on random images of its own input size
-        return export_detector(source, format, **flags)
+        return exporter(source, format, **flags)
     return export_artifact(source, format, **flags)
+
+
+def task_exporter(source: str | Path):
+    """The exporter of the task a run directory's results.json names (``task_target``), when that task
+    has its own (``TaskPlugin.export``); a Lightning ``.ckpt`` is a detection checkpoint (a classification
+    run exports its pruned.pt)."""
+    source = Path(source)
+    if source.suffix == ".ckpt":
+        from slimnet.tasks.detection.plugin import Detection
+
+        return Detection.export
+    results = source / "results.json"
+    if not (source.is_dir() and results.is_file()):
+        return None
+    try:
+        target = json.loads(results.read_text()).get("task_target")
+    except json.JSONDecodeError:
+        return None
+    return getattr(locate(target), "export", None) if target else None
 
 
 # --------------------------------------------------------------------------------------------------

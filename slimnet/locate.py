@@ -11,11 +11,7 @@ import inspect
 import os
 import sys
 
-from slimnet.errors import UserError
-
-
-class TargetImportError(UserError, ImportError):
-    """A ``_target_`` that cannot be imported; the message says what to make importable."""
+from slimnet.errors import TargetImportError
 
 
 def locate(path: str):

@@ -71,7 +71,7 @@ def main(cfg: DictConfig) -> float | None:
             cfg, run_dir = resumed_config(cfg.resume)
             _log_into(run_dir, fresh_dir)
         results = train(cfg, run_dir, extra_callbacks=[ResumeHint(run_dir)])
-        return results.get("test_acc", results.get("test_map"))  # what a Hydra sweeper would optimise
+        return results.get(results.get("metric"))  # the task's test metric: what a Hydra sweeper optimises
     except KeyboardInterrupt:  # outside the fit (Lightning handles it inside, with ResumeHint)
         log.warning("%s", resume_hint(run_dir))
         sys.exit(130)

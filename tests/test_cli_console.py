@@ -53,7 +53,7 @@ def test_an_unknown_config_is_one_line_listing_the_choices(tmp_path, args, named
 def test_known_configs_pass_the_check_to_hydra(tmp_path):
     out = _cli("model=vgg", "hydra/launcher=local_parallel", "--cfg", "job", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert "arch: vgg" in out.stdout
+    assert "_target_: slimnet.models.vgg.vgg\n" in out.stdout
 
 
 def test_debug_shows_the_traceback(tmp_path):

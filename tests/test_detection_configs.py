@@ -40,8 +40,9 @@ def test_coco_config_needs_its_paths_and_builds_with_them(tmp_path):
 
 
 def test_detector_config_keys_are_build_detector_arguments():
-    cfg = OmegaConf.to_container(_load("model", "detector", norm="frozen"))
-    detector = build_detector(num_classes=3, **cfg)  # as DetectionTask(model_config={**cfg, num_classes: K})
+    cfg = _load("model", "detector", norm="frozen")
+    assert cfg._target_ == f"{build_detector.__module__}.{build_detector.__name__}"
+    detector = instantiate(cfg, num_classes=3)  # Hydra's own way, as the run's build_model({**cfg, num_classes: K})
     assert type(detector).__name__ == "FCOS" and detector.score_thresh == 0.05
     assert isinstance(detector.backbone.body.bn1, FrozenBatchNorm2d) and detector.backbone.out_channels == 64
 
@@ -52,9 +53,9 @@ def test_faster_rcnn_preset_builds_a_small_image_faster_rcnn():
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = OmegaConf.to_container(compose(config_name="model/detector_fasterrcnn").model)
+        cfg = compose(config_name="model/detector_fasterrcnn").model
     GlobalHydra.instance().clear()
-    detector = build_detector(num_classes=3, **cfg)
+    detector = instantiate(cfg, num_classes=3)
     assert type(detector).__name__ == "FasterRCNN"
     assert detector.rpn.post_nms_top_n() == 300  # training mode: the preset's budget, not torchvision's 2000
     assert detector.roi_heads.score_thresh == 0.05

@@ -61,7 +61,7 @@ def test_plain_overrides_work_too(compose_cfg, tmp_path, override):
     results = train(cfg, tmp_path)
     assert results["policy"] == override.split("=")[0].split(".")[1]
     assert results["after"]["flops"] < results["before"]["flops"]
-    assert results["input_shape"] == [3, 16, 16] and results["data"]["name"] == "synthetic"
+    assert results["input_shape"] == [3, 16, 16] and results["data"]["_target_"] == "slimnet.data.SyntheticDataModule"
     eager16 = next(r for r in results["latency"]["rows"] if r["backend"] == "eager" and r["batch"] == 16)
     assert eager16["a"]["median_ms"] > 0 and eager16["b"]["median_ms"] > 0
     assert results["latency"]["speedup"] == eager16["speedup"]
@@ -97,8 +97,10 @@ def test_unpruned_baseline_keeps_every_channel(compose_cfg, tmp_path):
         ("prune.epoch=6", "trainer.max_epochs"),
         ("prune.epoch=-1", "prune.epoch"),
         ("trainer.max_epochs=0", "trainer.max_epochs=0 trains nothing"),  # blames max_epochs, not prune.epoch
-        ("model.arch=resnet9000", "choose one of"),
-        ("data.name=mnist3d", "choose one of"),
+        ("model._target_=slimnet.models.vgg.vgg9000", "vgg9000"),
+        ("data._target_=slimnet.data.MNIST3D", "MNIST3D"),
+        ("task._target_=slimnet.data.SyntheticDataModule", "not a slimnet.tasks.plugin.TaskPlugin"),
+        ("+model.arch=vgg ~model._target_", "model.arch named it before slimnet 0.2"),
         ("prune.target_flops=1.5", "target_flops"),
         ("+prune.thresh=0.1 prune.target_flops=0.5", "both set"),
     ],

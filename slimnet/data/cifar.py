@@ -9,14 +9,10 @@ import torch
 
 from slimnet.data.base import _BaseDataModule
 from slimnet.data.dataset import TensorImageDataset
-from slimnet.errors import UserError, first_line
+from slimnet.errors import DataNotFoundError, first_line
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
-
-
-class DataNotFoundError(UserError, RuntimeError):
-    """A data set that is not where the config says and cannot be downloaded; the message says where to put it."""
 
 
 class CIFARDataModule(_BaseDataModule):

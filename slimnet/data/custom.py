@@ -13,12 +13,8 @@ from dataclasses import dataclass
 import pytorch_lightning as pl
 import torch
 
-from slimnet.errors import UserError
+from slimnet.errors import DataError
 from slimnet.locate import locate
-
-
-class DataError(UserError, ValueError):
-    """A data module that cannot serve the run; the message says what to add."""
 
 
 @dataclass

@@ -201,9 +201,18 @@ def parse_size(size: str | int) -> tuple[int, int]:
 
 
 def _datamodule(data: dict):
+    """A run's data config (``_target_``) or a registry name's (``data=fashion_mnist`` on the command line)."""
+    if "_target_" in data:
+        from slimnet.locate import locate
+
+        return locate(data["_target_"])(**{k: v for k, v in data.items() if k != "_target_"})
     from slimnet.data import build_datamodule
 
     return build_datamodule(data["name"], **{k: v for k, v in data.items() if k != "name"})
+
+
+def _data_name(data: dict) -> str:
+    return data.get("name") or data["_target_"].rsplit(".", 1)[-1]
 
 
 def check_inputs(facts: dict, model_config: dict | None, batch: int, input_size=None,
@@ -219,9 +228,9 @@ def check_inputs(facts: dict, model_config: dict | None, batch: int, input_size=
             dm.setup("test")
             n = min(batch, len(dm.test_set))
             images = torch.stack([dm.test_set[i][0] for i in range(n)])  # (B, C, H, W), normalised
-            return images, f"{n} {data_cfg['name']} test images"
+            return images, f"{n} {_data_name(data_cfg)} test images"
         except Exception as err:  # noqa: BLE001 - data not on this machine: say so, fall back
-            why = f"{data_cfg['name']} test set unavailable: {first_line(err, 120)}"
+            why = f"{_data_name(data_cfg)} test set unavailable: {first_line(err, 120)}"
     else:
         why = "no dataset known; pass data=<name> for real images"
     if input_size is not None:

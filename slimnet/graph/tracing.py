@@ -8,13 +8,9 @@ import torch
 from torch import fx, nn
 from torch.nn.modules.conv import _ConvNd
 
-from slimnet.errors import UserError, first_line
+from slimnet.errors import TraceError, first_line
 from slimnet.graph.ops import NORM_TYPES, OPS
 from slimnet.graph.shapes import _shapes
-
-
-class TraceError(UserError, RuntimeError):
-    """The model could not be captured by ``torch.fx``; the message ends with a hint."""
 
 
 class _Tracer(fx.Tracer):

@@ -184,6 +184,7 @@ def _register(name: str, depth: int, block: str) -> None:
     builder.__name__ = builder.__qualname__ = name
     builder.__doc__ = f"CIFAR ResNet-{depth} with {block} blocks; ``width`` = stem/stage-1 channels."
     register_model(name, **_META)(builder)
+    globals()[name] = builder  # importable by name: a config's _target_ (slimnet.models.cifar_resnet.<name>)
 
 
 for _name, (_depth, _block) in NAMED_DEPTHS.items():

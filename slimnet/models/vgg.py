@@ -164,6 +164,7 @@ def _register(name: str) -> None:
     if name == "vgg_small":
         meta["source"] = "slimnet default for 28x28 Fashion-MNIST; layer recipe from " + _SOURCE
     register_model(name, **meta)(builder)
+    globals()[name] = builder  # importable by name: a config's _target_ (slimnet.models.vgg.<name>)
 
 
 for _name in CFGS:

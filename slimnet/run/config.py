@@ -15,24 +15,17 @@ from pathlib import Path
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
-from slimnet.data import DATAMODULES
-from slimnet.errors import UserError
+from slimnet.errors import ConfigError
 from slimnet.locate import TargetImportError, locate, unknown_keywords
-from slimnet.models import list_models
 from slimnet.models.build import DATA_ARGS
-from slimnet.models.registry import model_builder
 from slimnet.sparsity.step import KINDS
-from slimnet.tasks.classification.optimizers import OPTIMIZERS, SCHEDULES
+from slimnet.tasks.plugin import TaskPlugin
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the repository's conf/, beside slimnet/
 # Groups whose keys are slimnet's own: any key that none of the group's files in conf/ has is a typo.
 _OWN_GROUPS = ("prune", "sparsity", "optim", "callbacks", "logger")
 # Keys of train.yaml itself, nested ones included (finetune.*, latency.*).
 _OWN_SECTIONS = ("finetune", "latency")
-
-
-class ConfigError(UserError, ValueError):
-    """A run config that cannot work; the message names the key and what to set."""
 
 
 def _number(value) -> bool:
@@ -90,7 +83,7 @@ def _check_own_keys(cfg: DictConfig) -> None:
         for key in (cfg.get(section) or {}):
             if key not in known:
                 raise _typo(section, key, known)
-    top = set(train_keys) - {"defaults"} | {"data", "model", "experiment", "hydra", *_OWN_GROUPS, "trainer"}
+    top = set(train_keys) - {"defaults"} | {"data", "model", "task", "experiment", "hydra", *_OWN_GROUPS, "trainer"}
     for key in cfg:
         if key not in top:
             raise ConfigError(f"{key} is not a setting (did you mean "
@@ -114,30 +107,37 @@ def _check_target(where: str, section: DictConfig, skip=()) -> None:
 
 
 def check_model_and_data(cfg: DictConfig) -> None:
-    """The model and data keys are the arguments of what they build: check them against its signature."""
+    """The model and data keys are the arguments of what they build (``_target_``): check them against its
+    signature."""
     for where in ("data", "model"):
-        if OmegaConf.is_missing(cfg[where], "_target_"):  # data=custom without data._target_=
+        section = cfg[where]
+        if OmegaConf.is_missing(section, "_target_"):  # data=custom without data._target_=
             raise ConfigError(f"{where}=custom needs {where}._target_=<dotted path>, e.g. "
                               + ("data._target_=mypkg.data.MyDataModule" if where == "data"
                                  else "model._target_=mypkg.nets.TinyCNN"))
-    if "_target_" in cfg.data:
-        _check_target("data", cfg.data)
-    elif cfg.data.get("name") not in DATAMODULES:
-        raise ConfigError(f"data.name={cfg.data.get('name')!r} is unknown; choose one of: {', '.join(DATAMODULES)}, "
-                          "or data=custom data._target_=<your LightningDataModule>")
-    else:
-        factory = DATAMODULES[cfg.data.name]
-        _check_call("data", getattr(factory, "func", factory), [k for k in cfg.data if k != "name"],
-                    f"the {cfg.data.name} data module")
-    if "_target_" in cfg.model:
-        _check_target("model", cfg.model, skip=DATA_ARGS)
-    elif cfg.model.get("arch") not in list_models():
-        raise ConfigError(f"model.arch={cfg.model.get('arch')!r} is unknown; choose one of: "
-                          f"{', '.join(list_models())}, or model=custom model._target_=<your nn.Module class>")
-    else:
-        _check_call("model", model_builder(cfg.model.arch), [k for k in cfg.model if k not in ("arch", *DATA_ARGS)],
-                    f"model {cfg.model.arch}")
+        if "_target_" not in section:
+            old = next((k for k in ("arch", "name", "kind") if k in section), None)
+            was = f" ({where}.{old} named it before slimnet 0.2)" if old else ""
+            raise ConfigError(f"{where} has no _target_{was}; choose one with {where}=<name> (the files in "
+                              f"conf/{where}/) or set {where}._target_=<dotted path of a callable>")
+        _check_target(where, section, skip=DATA_ARGS if where == "model" else ())
     _check_call("trainer", pl.Trainer, list(cfg.trainer), "pytorch_lightning.Trainer")
+
+
+def task_plugin(cfg: DictConfig) -> type[TaskPlugin]:
+    """The run's task plug-in, ``task._target_`` (``task=classification`` or ``task=detection`` chooses one
+    of conf/task/): the one place a run's task is read."""
+    task = cfg.get("task")
+    if not isinstance(task, DictConfig) or "_target_" not in task:
+        raise ConfigError(f"task={task!r} is not a task config; choose one with task=<name> (the files in "
+                          "conf/task/: classification, detection) or task._target_=<a TaskPlugin subclass>")
+    try:
+        cls = locate(task._target_)
+    except TargetImportError as err:
+        raise ConfigError(f"task._target_: {err}") from None
+    if not (isinstance(cls, type) and issubclass(cls, TaskPlugin)):
+        raise ConfigError(f"task._target_={task._target_} is not a slimnet.tasks.plugin.TaskPlugin subclass")
+    return cls
 
 
 def check_group_choices(overrides: list[str], conf_dir: str | Path = CONF_DIR) -> None:
@@ -195,13 +195,9 @@ def validate(cfg: DictConfig) -> None:
     """Raise ``ConfigError`` on the first problem found."""
     p = cfg.prune
     _check_own_keys(cfg)
-    task = cfg.get("task", "classification")
-    if task not in ("classification", "detection"):
-        raise ConfigError(f"task={task!r} is unknown; choose classification or detection")
-    if task == "detection":  # the detector's keys are checked by build_detector, the data by its module
-        _check_call("trainer", pl.Trainer, list(cfg.trainer), "pytorch_lightning.Trainer")
-    else:
-        check_model_and_data(cfg)
+    plugin = task_plugin(cfg)
+    check_model_and_data(cfg)
+    plugin.check(cfg)
     if p.thresh is not None and (not _number(p.thresh) or math.isnan(p.thresh) or p.thresh < 0):
         raise ConfigError(f"prune.thresh={p.thresh} must be a number >= 0 (an absolute |γ| threshold)")
     if p.percent is not None and (not _number(p.percent) or not 0 <= p.percent < 1):
@@ -241,9 +237,3 @@ def validate(cfg: DictConfig) -> None:
     if kind == "polarization" and not (_number(cfg.sparsity.t) and cfg.sparsity.t > 0
                                        and _number(cfg.sparsity.bound) and cfg.sparsity.bound > 0):
         raise ConfigError("sparsity.t and sparsity.bound must be > 0 for polarization")
-    if cfg.optim.name not in OPTIMIZERS:
-        raise ConfigError(f"optim.name={cfg.optim.name!r} is unknown; choose one of: {', '.join(OPTIMIZERS)}")
-    for where in ("optim", "finetune"):
-        schedule = cfg[where].get("schedule")
-        if schedule is not None and schedule not in SCHEDULES:
-            raise ConfigError(f"{where}.schedule={schedule!r} is unknown; choose one of: {', '.join(SCHEDULES)}")

@@ -1,15 +1,17 @@
 """``train(cfg)``: one slimming run from a composed config, the function behind ``python -m slimnet.train``.
 
-Validates the config, builds data, model, module and callbacks, fits (sparse phase, surgery, fine-tune),
-tests, and writes the run's report and pruned artifact into ``run_dir``. Returns the results dict, so
-tests call exactly what the command line calls.
+One pipeline for every task: it validates the config, lets the task (``cfg.task._target_``, a
+``slimnet.tasks.plugin.TaskPlugin``) build its data and LightningModule, checks before training that the
+model can be cut, fits (sparse phase, surgery, fine-tune) with the same callbacks, checkpoints and
+``resume=`` for every task, shares a sweep's sparse phase, tests, and writes the run's report, its
+summary table and the pruned artifact into ``run_dir``. Returns the results dict, so tests call exactly
+what the command line calls.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import re
 import shutil
 import time
 from pathlib import Path
@@ -20,41 +22,33 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from slimnet.data import build_datamodule
-from slimnet.data.custom import DataFacts, build_custom_datamodule, describe
 from slimnet.deploy.latency import compare_latency, speedup_columns
-from slimnet.engine.artifact import save_pruned
-from slimnet.engine.cut import layer_widths
-from slimnet.engine.measure import count_flops
+from slimnet.engine.plan import restrict_to
 from slimnet.engine.reach import Reach, reach_of
-from slimnet.errors import first_line
+from slimnet.errors import ConfigError, first_line
 from slimnet.graph import TraceError, trace_channel_groups
 from slimnet.loops.lightning import GammaMonitor, PhaseTimer, SlimmingCallback, SparsityCallback
 from slimnet.loops.lightning.checkpoint_io import SafeCheckpointIO
-from slimnet.models.build import build_model
-from slimnet.modes import preserved_modes
-from slimnet.run.config import ConfigError, cut_policy, pruning_enabled, validate
+from slimnet.run.config import cut_policy, pruning_enabled, task_plugin, validate
 from slimnet.run.console import progress_callbacks
 from slimnet.run.results import summary_table, write_json
 from slimnet.run.sparse_cache import SparseCache, sparse_key
-from slimnet.tasks.classification.module import SlimModule
+from slimnet.tasks.plugin import TaskPlugin
 
 log = logging.getLogger(__name__)
 
 
-def _val_accuracy(trainer: pl.Trainer, module: SlimModule) -> float | None:
-    """Validation accuracy at the cut (``SlimmingCallback`` runs it with the random streams isolated: a
-    loader's iterator draws a seed, and a run resumed at the cut evaluates once more; docs/reliability.md)."""
-    loader = trainer.datamodule.val_dataloader() if trainer.datamodule is not None else None
-    return module.accuracy_on(loader) if loader else None
+def _monitor(cfg: DictConfig, task: TaskPlugin) -> str | None:
+    """The metric the best checkpoint is chosen by: ``auto`` is the task's validation metric."""
+    monitor = cfg.callbacks.checkpoint.monitor
+    return f"val/{task.metric}" if monitor == "auto" else monitor
 
 
-def _callbacks(cfg: DictConfig, run_dir: Path, example_input: torch.Tensor,
-               cache: SparseCache | None = None) -> list[pl.Callback]:
+def _callbacks(cfg: DictConfig, run_dir: Path, task: TaskPlugin, cache: SparseCache | None = None) -> list[pl.Callback]:
     ckpt = cfg.callbacks.checkpoint
     callbacks: list[pl.Callback] = [
         PhaseTimer(),
-        ModelCheckpoint(dirpath=run_dir / "checkpoints", monitor=ckpt.monitor, mode=ckpt.mode,
+        ModelCheckpoint(dirpath=run_dir / "checkpoints", monitor=_monitor(cfg, task), mode=ckpt.mode,
                         save_top_k=1, filename="best-{epoch}"),
     ]
     if ckpt.save_last:
@@ -65,90 +59,40 @@ def _callbacks(cfg: DictConfig, run_dir: Path, example_input: torch.Tensor,
     s, p = cfg.sparsity, cfg.prune
     if s.lam or s.finetune_lam or s.gamma_init is not None:
         # The same callback a user adds to their own LightningModule: the L1 step on the network's γ.
-        callbacks.append(SparsityCallback(lam=s.lam, lam_after=s.finetune_lam, module="model",
+        callbacks.append(SparsityCallback(lam=s.lam, lam_after=s.finetune_lam, module=task.sparse_module,
                                           until_epoch=p.epoch if pruning_enabled(cfg) else None,
                                           gamma_init=s.gamma_init, log_stats=True, kind=s.get("kind", "l1"),
                                           t=s.get("t", 1.4), bound=s.get("bound", 1.0), target=s.get("target"),
                                           eps=s.get("eps", 1e-2)))
     if pruning_enabled(cfg):
-        callbacks.append(SlimmingCallback(
-            epoch=p.epoch, module="model", example_input=example_input, module_input=True,
-            **cut_policy(cfg.prune),
+        callbacks.append(task.slimming_callback(
+            epoch=p.epoch, **cut_policy(cfg.prune),
             min_channels=p.min_channels, round_to=p.round_to, fold_bias=p.fold_bias,
-            # the fine-tune phase has its own optimizer and schedule (SlimModule's finetune config)
-            restart_schedule=True, carry_optimizer_state=False, cut_frozen=p.get("cut_frozen", False),
-            evaluate=_val_accuracy if p.eval_after_cut else None, save_sparse=True,
+            cut_frozen=p.get("cut_frozen", False),
+            evaluate=task.evaluate if p.eval_after_cut else None, save_sparse=True,
             on_sparse_saved=(lambda path: cache.publish(path, run_dir)) if cache is not None else None))
     if cfg.logger.tensorboard:
-        callbacks += [GammaMonitor(histograms=cfg.callbacks.gamma_histograms, module="model"),
+        callbacks += [GammaMonitor(histograms=cfg.callbacks.gamma_histograms, module=task.sparse_module),
                       LearningRateMonitor(logging_interval="epoch")]
     return callbacks
 
 
-def _latency(cfg: DictConfig, module: SlimModule, example: torch.Tensor, flops_before: int, flops_after: int) -> dict:
+def _latency(cfg: DictConfig, task: TaskPlugin, flops_before: int, flops_after: int) -> dict | None:
     """Measured speed-up of the cut model over a freshly built unpruned one (weights do not matter)."""
+    models = task.latency_models()
+    if models is None:
+        return None
+    unpruned, pruned, example, what = models
     lat = cfg.latency
-    unpruned = build_model(module.model.slimnet_config).to(example.device)
-    comparison = compare_latency(unpruned, module.model, example, batch_sizes=tuple(lat.batch_sizes),
+    comparison = compare_latency(unpruned, pruned, example, batch_sizes=tuple(lat.batch_sizes),
                                  repeats=lat.repeats, backends=tuple(lat.backends), threads=lat.threads,
                                  flops=(flops_before, flops_after))
     columns = speedup_columns(comparison)
     headline = f"speedup_eager_b{max(lat.batch_sizes)}"
     comparison["speedup"] = columns.get(headline)
     comparison["columns"] = columns
+    comparison["measured"] = what
     return comparison
-
-
-def build_data(cfg: DictConfig) -> tuple[pl.LightningDataModule, DataFacts]:
-    """The run's data module (slimnet's or the user's ``_target_``) and what the run needs to know of it."""
-    data_args = OmegaConf.to_container(cfg.data, resolve=True)
-    if "_target_" in data_args:
-        datamodule = build_custom_datamodule(data_args)
-    else:
-        datamodule = build_datamodule(data_args.pop("name"), **data_args)
-        datamodule.check()  # missing or corrupt data fails now, not after the first epoch
-    return datamodule, describe(datamodule)
-
-
-def _output_classes(model: torch.nn.Module, example: torch.Tensor) -> int:
-    with torch.no_grad(), preserved_modes(model):
-        out = model.eval()(example)
-    if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        raise ConfigError(f"the model's output has shape {getattr(out, 'shape', type(out).__name__)}; the "
-                          "classification task needs (batch, classes) logits")
-    return out.shape[1]
-
-
-def build_module(cfg: DictConfig, facts: DataFacts) -> SlimModule:
-    """The model (registry ``arch`` or the user's ``_target_``) inside a ``SlimModule``."""
-    model_config = OmegaConf.to_container(cfg.model, resolve=True)
-    model_config.setdefault("in_channels", facts.in_channels)
-    if facts.num_classes is not None:
-        model_config.setdefault("num_classes", facts.num_classes)
-    elif "_target_" not in model_config and "num_classes" not in model_config:
-        raise ConfigError("the data module does not say how many classes there are: give it a num_classes "
-                          "attribute (self.num_classes = 10) or set +model.num_classes=10")
-    try:
-        model = build_model(model_config)
-    except (TypeError, ValueError) as err:
-        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(err))
-        if unknown:  # a builder taking **kwargs passed a typo on to the class
-            raise ConfigError(f"model.{unknown[1]} is not a setting of this model ({first_line(err)})") from None
-        raise ConfigError(f"model: {first_line(err)}") from None
-    num_classes = model_config.get("num_classes") or _output_classes(model, facts.example)
-    if "num_classes" not in model.slimnet_config and facts.num_classes is None:
-        log.info("%s takes no num_classes and the data module does not say: %d classes, from the model's output",
-                 model_config.get("_target_"), num_classes)
-    return SlimModule(
-        model_config=model.slimnet_config,
-        optim=OmegaConf.to_container(cfg.optim, resolve=True),
-        finetune=OmegaConf.to_container(cfg.finetune, resolve=True),
-        prune_epoch=cfg.prune.epoch if pruning_enabled(cfg) else None,
-        num_classes=num_classes,
-        model=model,
-        channels_last=bool(cfg.get("channels_last", False)),
-        example_input_array=facts.example,
-    )
 
 
 def record_failure(run_dir: str | Path, err: BaseException) -> None:
@@ -179,22 +123,25 @@ def _check_writable(run_dir: Path) -> None:
                           "point hydra.run.dir at a writable folder") from None
 
 
-def _preflight(model: torch.nn.Module, example: torch.Tensor, arch: str, cut_frozen: bool = False) -> Reach:
-    """Trace the model now: a model that cannot be slimmed fails before training, not at the prune epoch,
-    and a user learns in seconds what share of it the cut can reach."""
+def _preflight(task: TaskPlugin, what: str, cut_frozen: bool = False) -> Reach:
+    """Trace what the task cuts now: a model that cannot be slimmed fails before training, not at the
+    prune epoch, and a user learns in seconds what share of it the cut can reach."""
+    net, inputs, within = task.cut_net()
     try:
-        graph = trace_channel_groups(model, example)  # TraceError names the module and the way on
+        graph = trace_channel_groups(net, inputs)  # TraceError names the module and the way on
     except TraceError:
         raise
     except RuntimeError as err:
-        raise ConfigError(f"model {arch} cannot run on inputs of shape {tuple(example.shape[1:])}: {first_line(err)}; "
+        shape = tuple(inputs[0].shape[1:]) if isinstance(inputs[0], torch.Tensor) else "?"
+        raise ConfigError(f"model {what} cannot run on inputs of shape {shape}: {first_line(err)}; "
                           "choose a model or data.image_size that fit") from None
-    reach = reach_of(graph, model, cut_frozen=cut_frozen)  # marks frozen γ's groups as kept whole
+    graph = restrict_to(graph, within)
+    reach = reach_of(graph, net, cut_frozen=cut_frozen)  # marks frozen γ's groups as kept whole
     if not any(group.prunable for group in graph.groups):
         has_bn = any(group.norms for group in graph.groups)
         why = "has no BatchNorm: there is no γ to slim by" if not has_bn else \
             "has no channel group that can be cut safely (" + "; ".join(graph.warnings[:3]) + ")"
-        raise ConfigError(f"model {arch} {why}; use prune=none to train it without surgery")
+        raise ConfigError(f"model {what} {why}; use prune=none to train it without surgery")
     return reach
 
 
@@ -226,23 +173,17 @@ def train(cfg: DictConfig, run_dir: str | Path, extra_callbacks: list[pl.Callbac
     run_dir = Path(run_dir)
     validate(cfg)
     _check_writable(run_dir)
-    if cfg.get("task", "classification") == "detection":
-        from slimnet.run.detection import train_detection
-
-        return train_detection(cfg, run_dir, extra_callbacks)
     ckpt_path = _resolve_ckpt(cfg, run_dir)
     pl.seed_everything(cfg.seed, workers=True)
     for key in ("thresh", "target_flops"):
         if cfg.prune.get(key) is not None and cfg.prune.percent is not None and pruning_enabled(cfg):
             log.info("prune.%s=%s is set and wins over prune.percent=%s", key, cfg.prune[key], cfg.prune.percent)
 
-    datamodule, facts = build_data(cfg)
-    module = build_module(cfg, facts)
-    example = facts.example
+    task = task_plugin(cfg)(cfg, cfg.prune.epoch if pruning_enabled(cfg) else None)
+    datamodule, module = task.build()
     reach = None
     if pruning_enabled(cfg):
-        reach = _preflight(module.model, example, cfg.model.get("arch") or cfg.model.get("_target_"),
-                           cfg.prune.get("cut_frozen", False))
+        reach = _preflight(task, cfg.model.get("_target_") or "", cfg.prune.get("cut_frozen", False))
         log.info("%s", reach)  # before training: what the sparse phase works towards
 
     # Jobs that differ only after the prune epoch share one sparse phase (see sparse_cache.py).
@@ -256,7 +197,7 @@ def train(cfg: DictConfig, run_dir: str | Path, extra_callbacks: list[pl.Callbac
             log.info("reusing the sparse phase trained by %s (%s)", cache.trained_by(), hit)
     publisher = cache if cache is not None and not reused else None
     try:
-        results = _fit_and_report(cfg, run_dir, datamodule, module, example, ckpt_path, extra_callbacks, publisher)
+        results = _fit_and_report(cfg, run_dir, task, datamodule, module, ckpt_path, extra_callbacks, publisher)
     finally:
         if publisher is not None:
             publisher.release()  # if this job died before publishing, let the next one train the key
@@ -265,7 +206,7 @@ def train(cfg: DictConfig, run_dir: str | Path, extra_callbacks: list[pl.Callbac
                                "trained_by": cache.trained_by() if cache is not None else None}
     if results.pop("is_global_zero"):
         write_json(results, run_dir / "results.json")
-        log.info("%s\nresults in %s (%s)", summary_table(results, layers=_producers(module.model)), run_dir,
+        log.info("%s\nresults in %s (%s)", summary_table(results, layers=task.layers()), run_dir,
                  _disk_note(run_dir, keep=cfg.callbacks.checkpoint.get("keep", True)))
     return results
 
@@ -285,17 +226,11 @@ def _disk_note(run_dir: Path, keep: bool) -> str:
             "callbacks.checkpoint.keep=false drops them when a run ends well")
 
 
-def _producers(model: torch.nn.Module) -> set[str]:
-    """The layers whose widths a reader looks for (convolutions and linears, not their norms)."""
-    return {n for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d,
-                                                                   torch.nn.Linear))}
-
-
-def _fit_and_report(cfg, run_dir, datamodule, module, example, ckpt_path, extra_callbacks, publisher) -> dict:
-    flops_before, params_before = count_flops(module.model, example)
-    widths_before = layer_widths(module.model)
+def _fit_and_report(cfg, run_dir, task, datamodule, module, ckpt_path, extra_callbacks, publisher) -> dict:
+    before = task.measure()
+    widths_before = task.widths()
     progress, bar = progress_callbacks(cfg.callbacks.progress_bar)
-    callbacks = _callbacks(cfg, run_dir, example, publisher) + progress + list(extra_callbacks)
+    callbacks = _callbacks(cfg, run_dir, task, publisher) + progress + list(extra_callbacks)
     loggers = [TensorBoardLogger(save_dir=str(run_dir), name="tb", version="", default_hp_metric=False)] \
         if cfg.logger.tensorboard else []
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -306,16 +241,12 @@ def _fit_and_report(cfg, run_dir, datamodule, module, example, ckpt_path, extra_
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     fit_seconds = time.perf_counter() - start
-    val_acc = trainer.callback_metrics.get("val/acc")
-    test_acc = None
-    if cfg.test:
-        test_acc = trainer.test(module, datamodule=datamodule, verbose=False)[0]["test/acc"]
+    val = dict(trainer.callback_metrics)  # read before testing replaces the callback metrics
+    test = trainer.test(module, datamodule=datamodule, verbose=False)[0] if cfg.test else {}
+    task.finish()
 
-    # The trained model leaves in the default (NCHW) layout: the latency baseline, the artifact and every
-    # user's plain input use it; channels_last was a training speed choice, not part of the model.
-    module.model.to(memory_format=torch.contiguous_format)
-    flops_after, params_after = count_flops(module.model, example)
-    widths_after = layer_widths(module.model)
+    after = task.measure()
+    widths_after = task.widths()
     slimming = next((cb for cb in callbacks if isinstance(cb, SlimmingCallback)), None)
     cut = slimming.report if slimming is not None and slimming.report else {}
     before_cut = cut.get("val_before_cut") or {}  # the last validation before the cut, or an evaluation of it
@@ -326,16 +257,19 @@ def _fit_and_report(cfg, run_dir, datamodule, module, example, ckpt_path, extra_
             prune_cfg.pop(key, None)
     timer = next(cb for cb in callbacks if isinstance(cb, PhaseTimer))
     sparsity = next((cb for cb in callbacks if isinstance(cb, SparsityCallback)), None)
+    m = task.metric
     results = {
         "status": "ok",
-        "val_acc": float(val_acc) if val_acc is not None else None,
-        "test_acc": float(test_acc) if test_acc is not None else None,
-        "val_acc_before_cut": before_cut.get("val/acc", before_cut.get("evaluate")),
-        "val_acc_after_cut": cut.get("after_cut"),
-        "before": {"flops": flops_before, "params": params_before},
-        "after": {"flops": flops_after, "params": params_after},
-        "flops_reduction": 1 - flops_after / flops_before,
-        "params_reduction": 1 - params_after / params_before,
+        "task": task.name,
+        "task_target": cfg.task._target_,  # what python -m slimnet.export asks for the task's own exporter
+        "metric": f"test_{m}",  # the headline: what a sweep plots and a sweeper optimises
+        **task.test_results(val, test),
+        f"val_{m}_before_cut": task.headline(before_cut.get(f"val/{m}", before_cut.get("evaluate"))),
+        f"val_{m}_after_cut": cut.get("after_cut"),
+        "before": before,
+        "after": after,
+        "flops_reduction": 1 - after["flops"] / before["flops"],
+        "params_reduction": 1 - after["params"] / before["params"],
         "threshold": cut.get("threshold") if cut.get("threshold") not in (None, -math.inf) else None,
         "policy": cut.get("policy"),
         "prune": prune_cfg,
@@ -346,23 +280,24 @@ def _fit_and_report(cfg, run_dir, datamodule, module, example, ckpt_path, extra_
         "warnings": cut.get("warnings", []),
         "seconds": {**timer.seconds, "surgery": cut.get("surgery_seconds", 0.0), "fit": fit_seconds},
         "epochs_trained_here": dict(timer.epochs_here),
-        "model_config": module.model.slimnet_config if hasattr(module.model, "slimnet_config") else None,
-        "input_shape": list(example.shape[1:]),
+        "model_config": task.model_config(),
         "data": OmegaConf.to_container(cfg.data, resolve=True),
+        **task.extra_results(before, after),
+        "checkpoint": str(run_dir / "checkpoints" / "last.ckpt") if cfg.callbacks.checkpoint.save_last else None,
         "artifact": None,
         "is_global_zero": trainer.is_global_zero,
     }
     if trainer.is_global_zero and cfg.latency.enabled and cut:
-        results["latency"] = _latency(cfg, module, example, flops_before, flops_after)
+        results["latency"] = _latency(cfg, task, before["flops"], after["flops"])
     if cfg.save_artifact and trainer.is_global_zero:
         artifact = run_dir / "pruned.pt"
-        save_pruned(module.model, artifact)
+        task.save_artifact(artifact)
         results["artifact"] = str(artifact)
     if trainer.is_global_zero:
         for logger in loggers:
             logger.log_hyperparams(
                 {**{f"prune/{k}": v for k, v in policy.items()}, "prune/threshold_used": results["threshold"] or 0.0,
                  "sparsity/lam": cfg.sparsity.lam},
-                {"hp/test_acc": results["test_acc"] or 0.0, "hp/flops": flops_after,
+                {f"hp/test_{m}": results[f"test_{m}"] or 0.0, "hp/flops": after["flops"],
                  "hp/flops_reduction": results["flops_reduction"]})
     return results

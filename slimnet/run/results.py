@@ -28,20 +28,26 @@ def _wrapped(items: list[str], width: int = 100, indent: str = "  ") -> list[str
     return lines + ([indent + line] if line else [])
 
 
+def _headline(value, metric: str):
+    """A metric's number from an evaluation that may report more (detection's ``{map, map_50}``)."""
+    return value.get(metric) if isinstance(value, dict) else value
+
+
 def summary_table(results: dict, layers: set[str] | None = None) -> str:
     """A fixed-width table of what the run measured: the model before the cut, right after it, and
     after fine-tuning; then the threshold used and the layers whose widths changed (``layers``: the
     names to list, e.g. the convolutions without their norms; all when None)."""
     before, after = results["before"], results["after"]
     pct = lambda v: _fmt(v, 0.01, 2, "%")  # noqa: E731
+    m = results.get("metric", "test_acc").removeprefix("test_")  # the task's metric: acc, map
     rows = [
         ("FLOPs", _fmt(before["flops"], 1e6, 2, "M"), _fmt(after["flops"], 1e6, 2, "M"), "",
          f"-{100 * (1 - after['flops'] / before['flops']):.1f}%"),
         ("params", _fmt(before["params"], 1e6, 3, "M"), _fmt(after["params"], 1e6, 3, "M"), "",
          f"-{100 * (1 - after['params'] / before['params']):.1f}%"),
-        ("val acc", pct(results.get("val_acc_before_cut")), pct(results.get("val_acc_after_cut")),
-         pct(results.get("val_acc")), ""),
-        ("test acc", "", "", pct(results.get("test_acc")), ""),
+        (f"val {m}", pct(_headline(results.get(f"val_{m}_before_cut"), m)),
+         pct(_headline(results.get(f"val_{m}_after_cut"), m)), pct(results.get(f"val_{m}")), ""),
+        (f"test {m}", "", "", pct(results.get(f"test_{m}")), ""),
     ]
     header = ("", "before cut", "after cut", "fine-tuned", "change")
     lines = [f"{header[0]:10s} {header[1]:>12s} {header[2]:>12s} {header[3]:>12s} {header[4]:>8s}"]

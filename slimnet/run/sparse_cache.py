@@ -38,13 +38,14 @@ def code_version() -> str:
 
 def sparse_key(cfg: DictConfig) -> str:
     """The hash naming a sparse phase: equal keys train bit-identical sparse phases on the same machine."""
-    recipe = {name: OmegaConf.to_container(cfg[name], resolve=True) for name in ("data", "model", "optim")}
+    recipe = {name: OmegaConf.to_container(cfg[name], resolve=True) for name in ("task", "data", "model", "optim")}
     recipe["data"].pop("num_workers", None)
     recipe["sparsity"] = {k: v for k, v in OmegaConf.to_container(cfg.sparsity, resolve=True).items()
                           if k != "finetune_lam"}  # what happens after the prune epoch is not the sparse phase
     recipe["trainer"] = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()
                          if k not in _TRAINER_IGNORED}
     recipe.update(seed=cfg.seed, prune_epoch=cfg.prune.epoch, code=code_version(),
+                  scope=cfg.prune.get("scope"),  # which γ the sparse phase penalises (detection)
                   channels_last=bool(cfg.get("channels_last", False)))  # other summation order
     return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:20]
 

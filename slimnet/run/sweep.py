@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["job", "status", "overrides", "thresh", "percent", "target_flops", "threshold_used", "flops",
+COLUMNS = ["job", "status", "overrides", "metric", "thresh", "percent", "target_flops", "threshold_used", "flops",
            "flops_before", "flops_reduction", "params", "params_before", "val_acc", "val_acc_after_cut",
            "test_acc", "speedup", "sparse_reused", "channels", "error"]
 
@@ -57,6 +57,7 @@ def collect(sweep_dir: str | Path) -> list[dict]:
             rows.append({**row, "status": "failed", "error": r.get("error", "")})
             continue
         prune = r.get("prune", {})
+        metric = r.get("metric", "test_acc")
         latency = r.get("latency") or {}
         rows.append({
             **row, "status": "ok", "thresh": prune.get("thresh"), "percent": prune.get("percent"),
@@ -66,10 +67,11 @@ def collect(sweep_dir: str | Path) -> list[dict]:
             "params_before": r["before"]["params"], "val_acc": r.get("val_acc"),
             "val_acc_after_cut": r.get("val_acc_after_cut"), "test_acc": r.get("test_acc"),
             "speedup": latency.get("speedup"), **latency.get("columns", {}),
+            "metric": metric, metric: r.get(metric),  # the task's headline (test_acc, test_map)
             "sparse_reused": (r.get("sparse_phase") or {}).get("reused"),
             "channels": json.dumps({k: v[1] for k, v in r.get("channels", {}).items()}),
-            # detection runs: mAP, and the whole detector's FLOPs beside the cut part's
-            "test_map": r.get("test_map"), "test_map_50": r.get("test_map_50"),
+            # detection runs: mAP@.5, and the whole detector's FLOPs beside the cut part's
+            "test_map_50": r.get("test_map_50"),
             "detector_flops": (r["after"].get("detector_flops") or {}).get("total"),
             "detector_flops_before": (r["before"].get("detector_flops") or {}).get("total"),
         })
@@ -223,8 +225,8 @@ def report(sweep_dir: str | Path, baseline: str | Path | None = None) -> tuple[P
     rows = collect(sweep_dir) + ([baseline_row(baseline)] if baseline is not None else [])
     csv_path, png_path = sweep_dir / "sweep.csv", sweep_dir / "acc_vs_flops.png"
     write_csv(rows, csv_path)
-    detection = any(r.get("test_map") is not None for r in rows)
-    plot(rows, png_path, metric="test_map" if detection else "test_acc")
+    metrics = [r["metric"] for r in rows if r.get("metric")]  # each run names its task's headline metric
+    plot(rows, png_path, metric=max(set(metrics), key=metrics.count) if metrics else "test_acc")
     log.info("sweep report: %s, %s (%d jobs, %d ok)", csv_path, png_path, len(rows),
              sum(r["status"] == "ok" for r in rows))
     nothing = [r for r in rows if r["status"] == "ok" and kind_of(r) == "cut nothing"]

@@ -36,20 +36,6 @@ REFUSED = {"pt2": "format=pt2: torch.export cannot capture a torchvision detecto
                   "have data-dependent shapes); use format=torchscript or format=onnx"}
 
 
-def is_detection_source(source: str | Path) -> bool:
-    """A Lightning checkpoint, or a run directory whose results.json says ``"task": "detection"``."""
-    source = Path(source)
-    if source.suffix == ".ckpt":
-        return True
-    results = source / "results.json" if source.is_dir() else None
-    if results is None or not results.is_file():
-        return False
-    try:
-        return json.loads(results.read_text()).get("task") == "detection"
-    except json.JSONDecodeError:
-        return False
-
-
 def load_detector(source: str | Path) -> tuple[nn.Module, tuple[int, int], Path]:
     """``(detector in eval mode at its cut widths, image size (H, W), checkpoint path)``."""
     from slimnet.loops.lightning.checkpoint import load_checkpoint

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from slimnet.loops.lightning.checkpoint import Slimmable
+from slimnet.models.build import build_model
 from slimnet.tasks.detection.measure import detector_flops
 from slimnet.tasks.detection.models import build_detector
 from slimnet.tasks.detection.scope import PruneScope, prune_scope
@@ -45,8 +46,9 @@ class DetectionTask(Slimmable, pl.LightningModule):
 
     Args:
         model_config: keyword arguments of ``slimnet.tasks.detection.models.build_detector`` (``kind``,
-            ``backbone``, ``num_classes`` (foreground), ``min_size``, ``max_size``, ``norm``, …);
-            saved as a hyperparameter so ``load_from_checkpoint`` rebuilds the detector.
+            ``backbone``, ``num_classes`` (foreground), ``min_size``, ``max_size``, ``norm``, …), or
+            the same with a ``_target_`` naming the builder (as a run's config does); saved as a
+            hyperparameter so ``load_from_checkpoint`` rebuilds the detector.
         image_size: the nominal (H, W) of an input image, for ``example_input_array``, the prune scope's
             example input and FLOPs.
         lr, momentum, weight_decay: SGD, as torchvision's detection references (0.02 for 16 images a
@@ -69,7 +71,9 @@ class DetectionTask(Slimmable, pl.LightningModule):
         if lr <= 0 or warmup_steps < 0:
             raise ValueError(f"lr must be > 0 and warmup_steps >= 0, got {lr} and {warmup_steps}")
         self.save_hyperparameters(ignore=["model"])
-        self.model = model if model is not None else build_detector(**model_config)
+        if model is None:  # a run's config names its builder (_target_); older checkpoints hold its keywords
+            model = build_model(model_config) if "_target_" in model_config else build_detector(**model_config)
+        self.model = model
         self.image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         # What forward takes: a list of images. A tuple around it, because Lightning unpacks a tuple
         # into positional arguments (ModelSummary, and callbacks that follow its convention).
