@@ -126,7 +126,7 @@ class Slimming:
         Returns ``(report, warnings)``: the ``PruneReport`` and the messages the cut raised.
         Raises ``NothingCutError`` for a percent or FLOPs budget that removes nothing.
         """
-        self.stop()
+        self.stop(keep=True)  # a loop that cuts mid-epoch (by iteration) may still be recording
         device = next(iter(net.parameters()), torch.empty(0)).device
         stats = self.fold_stats
         if stats is not None:  # from a checkpoint they may sit on the CPU
@@ -186,10 +186,12 @@ class _Recorder:
         self.net, self.stats = net, InputStats(net)
         self.samples = self.bytes = 0
         self._busy = False  # the extra forward passes through ``fed`` again
-        self._handle = fed.register_forward_pre_hook(self._record)
+        self._handle = fed.register_forward_pre_hook(self._record, with_kwargs=True)
 
-    def _record(self, module, inputs) -> None:
-        x = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
+    def _record(self, module, inputs, kwargs) -> None:
+        # positional, or by keyword as mmengine's models are called (``model(inputs=…, mode=…)``)
+        x = inputs[0] if inputs else kwargs.get("inputs", kwargs.get("x"))
+        x = x if isinstance(x, torch.Tensor) else None
         if self._busy or x is None or x.dim() == 0 or self.samples >= FOLD_SAMPLES:
             return
         per_sample = max(x[:1].numel() * x.element_size(), 1)

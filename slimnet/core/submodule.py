@@ -57,3 +57,26 @@ def submodule_input(root: nn.Module, name: str | None, example, who: str) -> tup
                          "name a sub-module the forward pass uses, or pass example_input= for it")
     return seen[0]
 
+
+
+class ModelView(nn.Module):
+    """A traceable module made of a model's own sub-modules (a detector's trunk, an OpenMMLab model's
+    backbone and neck), whose cut plan is the model's.
+
+    ``prune`` leaves ``slimnet_plan`` on the module it traced; on a view that attribute lives on the
+    model, so whoever replays a checkpoint on the model sees it is already cut, and the other way round.
+    Subclasses register the model's children under the model's own names, so the plan made on the view
+    is a plan of the model.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.__dict__["_model"] = model  # not a sub-module: the view's names are the model's
+
+    @property
+    def slimnet_plan(self):
+        return getattr(self._model, "slimnet_plan", None)
+
+    @slimnet_plan.setter
+    def slimnet_plan(self, plan) -> None:
+        self._model.slimnet_plan = plan

@@ -412,9 +412,11 @@ def attach_l1(optimizer: torch.optim.Optimizer, model: nn.Module, lam: float | C
 
 @torch.no_grad()
 def init_gammas(model: nn.Module, value: float) -> None:
-    """Set every γ to ``value`` (0.5 in Liu et al. 2017: a smaller start lets L1 reach zero sooner)."""
+    """Set every trainable γ to ``value`` (0.5 in Liu et al. 2017: a smaller start lets L1 reach zero sooner);
+    a frozen γ (``requires_grad=False``: a detector's frozen stages) keeps its loaded value."""
     for gamma in bn_gammas(model):
-        gamma.fill_(value)
+        if gamma.requires_grad:
+            gamma.fill_(value)
 
 
 @torch.no_grad()

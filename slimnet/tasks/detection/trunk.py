@@ -37,7 +37,7 @@ from torch import nn
 from torchvision.models.detection import FCOS, RetinaNet
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 
-from slimnet.core.submodule import resolve_submodule
+from slimnet.core.submodule import ModelView, resolve_submodule
 from slimnet.loops.lightning.slimming_callback import SlimmingCallback
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def _runs_every_consumer(detector: nn.Module) -> bool:
     return isinstance(detector, (RetinaNet, FCOS))
 
 
-class DetectorTrunk(nn.Module):
+class DetectorTrunk(ModelView):
     """Backbone (+FPN) and the heads' convolutional layers of ``detector``, under the detector's names.
 
     ``forward(x)``: ``x`` is the (N, 3, H, W) batch the backbone receives (after the detector's
@@ -60,8 +60,7 @@ class DetectorTrunk(nn.Module):
     """
 
     def __init__(self, detector: nn.Module):
-        super().__init__()
-        self.__dict__["_detector"] = detector  # not a sub-module: the trunk's names are the detector's
+        super().__init__(detector)  # the plan a cut leaves on the trunk lives on the detector
         self.backbone = detector.backbone
         self.whole = _runs_every_consumer(detector)
         if not self.whole:
@@ -76,16 +75,6 @@ class DetectorTrunk(nn.Module):
         else:
             self.head = detector.head
             self.fcos = isinstance(detector, FCOS)
-
-    # The plan a cut leaves on the traced module (``slimnet_plan``) lives on the detector: whoever replays
-    # a checkpoint on the detector sees it is already cut, and the other way round.
-    @property
-    def slimnet_plan(self):
-        return getattr(self._detector, "slimnet_plan", None)
-
-    @slimnet_plan.setter
-    def slimnet_plan(self, plan) -> None:
-        self._detector.slimnet_plan = plan
 
     def forward(self, x: torch.Tensor) -> tuple:
         features = self.backbone(x)  # OrderedDict: level name -> (N, C, h, w)
