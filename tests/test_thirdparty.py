@@ -71,6 +71,11 @@ def test_yolov8n_c2f_sppf_and_detect_inputs_are_cut_exactly_and_predictions_kept
         torch.testing.assert_close(preds[key], preds_ref[key], rtol=1e-4, atol=1e-4)
     for feat, ref in zip(preds["feats"], preds_ref["feats"]):  # narrower, same grid: all the loss reads
         assert feat.shape[2:] == ref.shape[2:] and feat.shape[1] < ref.shape[1]
+    # ultralytics' exporter runs C2f.forward_split, which splits at self.c, a width the trace never saw
+    assert c2f.c == c2f.cv1.conv.out_channels // 2  # graph.OPS.widths keeps it in step with the cut
+    with torch.no_grad():
+        torch.testing.assert_close(c2f.forward_split(model.model[1](model.model[0](x))),
+                                   c2f(model.model[1](model.model[0](x))))
 
 
 def test_shape_only_output_keys_are_per_model_class_and_an_output_elsewhere_stays_whole(monkeypatch):

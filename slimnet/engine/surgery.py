@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from slimnet.engine.plan import PrunePlan
-from slimnet.graph import NORM_TYPES
+from slimnet.graph import NORM_TYPES, OPS
 
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}  # by tensor rank
 
@@ -255,6 +255,9 @@ def _apply_checked(modules: dict, plan: PrunePlan) -> None:
         module, cut = modules[name], _cutter(modules[name])
         for kind, idx in axes.items():
             cut(module, kind, as_index(idx))
+    for module in modules.values():  # widths a forward the trace did not follow reads (graph.OPS.widths)
+        for attr, value in OPS.derived_widths(module).items():
+            setattr(module, attr, value)
 
 
 def replay_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:

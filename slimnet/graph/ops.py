@@ -319,3 +319,7 @@ OPS.register([nn.Linear], linear, "modules")
 OPS.register(NORM_TYPES, norm, "modules")
 OPS.register(_CHANNELWISE_MODULES, channelwise, "modules")
 OPS.register([nn.Flatten], flatten_module, "modules")
+
+# ultralytics' C2f (YOLOv8/11): its forward splits cv1's output with chunk(2), which the trace follows,
+# but the exporter swaps in forward_split, which splits at (self.c, self.c): keep c at half of cv1's width.
+OPS.widths["ultralytics.nn.modules.block.C2f"] = lambda m: {"c": m.cv1.conv.out_channels // 2}

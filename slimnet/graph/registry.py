@@ -62,6 +62,18 @@ class OpTable:
     functions: dict[object, Handler] = field(default_factory=dict)
     methods: dict[str, Handler] = field(default_factory=dict)
     modules: dict[type, Handler] = field(default_factory=dict)
+    # Width attributes the traced forward does not show, by the class's dotted name (no import needed):
+    # ``fn(module) -> {attr: value}``, recomputed after every cut and replay. E.g. ultralytics' C2f traces
+    # ``chunk(2)`` but its export path (``forward_split``) splits at ``self.c``.
+    widths: dict[str, Callable] = field(default_factory=dict)
+
+    def derived_widths(self, module) -> dict:
+        """The width attributes ``widths`` recomputes for ``module`` (empty for most modules)."""
+        for cls in type(module).__mro__:
+            fn = self.widths.get(f"{cls.__module__}.{cls.__qualname__}")
+            if fn is not None:
+                return fn(module)
+        return {}
 
     def function(self, node) -> Handler | None:
         """The handler of a ``call_function`` or ``call_method`` node, or None."""

@@ -2,4 +2,6 @@
 
 * ``lightning``   -- ``SparsityCallback``, ``SlimmingCallback``, the monitors, checkpoint support
 * ``mmengine``    -- ``SlimnetSparsityHook``, ``SlimnetSlimmingHook`` (in mmengine's ``HOOKS``), ``load_checkpoint``
+* ``ultralytics`` -- ``slim_train``, ``SparsityCallbacks``, ``SlimmingCallbacks``, ``keep_cut_widths``, ``recut``
+  (ultralytics is AGPL-3.0: imported only there, never by ``import slimnet``)
 """
