@@ -31,6 +31,7 @@ from slimnet.engine.surgery import replay_plan
 from slimnet.graph import trace_channel_groups
 from slimnet.loops.lightning.slimming_callback import SlimmingCallback, _to
 from slimnet.run import pipeline
+from slimnet.tasks.classification import plugin as classification
 
 
 class TorchPruningCut(SlimmingCallback):
@@ -52,7 +53,7 @@ class TorchPruningCut(SlimmingCallback):
         was_training = target.training
         target.eval()
         flops0, params0 = count_flops(target, (x,))
-        budget = self.target_flops * flops0
+        budget = self.core.target_flops * flops0
         head = [n for n, m in target.named_modules() if isinstance(m, torch.nn.Linear)][-1:]  # the classifier stays
 
         def tp_cut(ratio: float):
@@ -73,9 +74,11 @@ class TorchPruningCut(SlimmingCallback):
             else:
                 lo = mid
         if best is None:
-            raise RuntimeError(f"Torch-Pruning: no ratio up to {hi} reaches target_flops={self.target_flops}")
+            raise RuntimeError(f"Torch-Pruning: no ratio up to {hi} reaches target_flops={self.core.target_flops}")
         ratio, probe, history, _ = best
 
+        if self.distill is not None:  # the same teacher as slimnet's cut takes: the model right before it
+            self.distill.take(target)
         graph = trace_channel_groups(target, (x,))
         removed = {name: idxs for name, is_out, idxs in history if is_out}
         kept = {}
@@ -94,8 +97,9 @@ class TorchPruningCut(SlimmingCallback):
         if not same:
             raise RuntimeError("slimnet's surgery by Torch-Pruning's channels differs from Torch-Pruning's model")
         target.train(was_training)
-        self.plan = target.slimnet_plan
-        self._rebuild_training_state(trainer)
+        self.core.plan, self.core.done = target.slimnet_plan, True
+        self._rewrap(trainer)
+        trainer.strategy.setup_optimizers(trainer)  # the CLI's fine-tune optimizer and schedule (restart_schedule)
         self._new_checkpoint_phase(trainer)
         flops1, params1 = count_flops(target, (x,))
         return {"threshold": float("nan"), "policy": f"torch_pruning(normalizer={self.normalizer})",
@@ -108,6 +112,7 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path, help="a finished slimnet run with checkpoints/sparse.ckpt")
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--normalizer", choices=["mean", "none"], default="mean")
+    parser.add_argument("--distill", action="store_true", help="fine-tune with the uncut model as teacher")
     args = parser.parse_args()
     sparse = args.run_dir / "checkpoints" / "sparse.ckpt"
     if not sparse.is_file():
@@ -118,8 +123,9 @@ def main() -> None:
     cfg.ckpt_path, cfg.resume = str(sparse), None
     cfg.prune.reuse_sparse, cfg.prune.fold_bias = False, False
     cfg.save_artifact, cfg.latency.enabled = False, False
+    cfg.finetune.distill = bool(args.distill)
     TorchPruningCut.normalizer = None if args.normalizer == "none" else args.normalizer
-    pipeline.SlimmingCallback = TorchPruningCut  # the pipeline builds this class in place of its own
+    classification.SlimmingCallback = TorchPruningCut  # the task builds this class in place of its own
     results = pipeline.train(cfg, args.out_dir)
     print(json.dumps({k: results[k] for k in ("test_acc", "flops_reduction", "val_acc_after_cut")}))
 

@@ -15,8 +15,11 @@ Your LightningModule::
     trainer = pl.Trainer(callbacks=[slimnet.SparsityCallback(lam=1e-4, until_epoch=8),
                                     slimnet.SlimmingCallback(epoch=8, percent=0.5, module="net")])
     module = slimnet.load_checkpoint(path, MyModule)              # or: class MyModule(slimnet.Slimmable, ...)
+    # SlimmingCallback(..., distill=True): fine-tune towards the uncut model; in training_step:
+    loss = slimnet.distilled(self, x, logits, loss)
 """
 
+from slimnet.core.distill import Distillation, distilled
 from slimnet.engine.artifact import load_pruned, save_pruned
 from slimnet.engine.cut import prune
 from slimnet.engine.measure import count_flops, count_params
@@ -40,7 +43,7 @@ _LAZY = {
 __all__ = ["prune", "prune_zeroed", "count_flops", "count_params", "save_pruned", "load_pruned", "trace_channel_groups",
            "PrunePlan", "PruneReport", "TraceError", "attach_l1", "add_l1_subgradient", "l1_proximal_step", "L1Step",
            "carry_optimizer_state", "SparsityCallback", "SlimmingCallback", "Slimmable", "load_checkpoint",
-           "reach", "Reach", "NothingCutError"]
+           "reach", "Reach", "NothingCutError", "Distillation", "distilled"]
 __version__ = "0.1.0"
 
 

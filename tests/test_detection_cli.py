@@ -152,6 +152,7 @@ def test_frozen_to_trainable_conversion_keeps_the_detectors_eval_outputs(single_
     ("model._target_=slimnet.tasks.detection.models.nope", "nope"),
     # the preflight: frozen norms and no sparsity to unfreeze them leave nothing to cut in the backbone
     ("model.norm=frozen sparsity.lam=0", "no channel group that can be cut"),
+    ("finetune.distill=true", "finetune.distill is for classification"),
 ])
 def test_detection_config_errors_come_before_training(compose_cfg, tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):

@@ -23,6 +23,7 @@ import warnings
 import torch
 from torch import nn
 
+from slimnet.core.distill import Distillation
 from slimnet.engine.cut import prune
 from slimnet.engine.fold import InputStats
 from slimnet.engine.optim_state import carry_optimizer_state, retarget_optimizer
@@ -46,13 +47,14 @@ class Slimming:
             win over percent.
         min_channels, round_to, fold_bias, leaf_modules, within, cut_frozen: as ``slimnet.prune``.
         carry_optimizer_state: keep the surviving channels' optimizer state over the cut.
+        distill: a ``Distillation`` whose teacher is a frozen copy of the network right before the cut.
         where: the name errors start with (the adapter's class).
     """
 
     def __init__(self, epoch: int, thresh: float | None = None, percent: float | None = None,
                  target_flops: float | None = None, *, min_channels: int = 1, round_to: int = 1,
                  fold_bias: bool = True, carry_optimizer_state: bool = True, cut_frozen: bool = False,
-                 leaf_modules=(), within=None, where: str = "Slimming"):
+                 leaf_modules=(), within=None, distill: Distillation | None = None, where: str = "Slimming"):
         if thresh is None and percent is None and target_flops is None:
             raise ValueError(f"{where} needs thresh=…, percent=… or target_flops=…")
         if thresh is not None and target_flops is not None:
@@ -71,6 +73,7 @@ class Slimming:
         self.min_channels, self.round_to, self.fold_bias = min_channels, round_to, fold_bias
         self.carry_optimizer_state, self.cut_frozen = carry_optimizer_state, cut_frozen
         self.leaf_modules, self.within = leaf_modules, within
+        self.distill = distill  # takes its teacher, a copy of the uncut network, right before the cut
         self.done = False
         self.plan: PrunePlan | None = None
         self.fold_stats: InputStats | None = None   # each layer's input statistics, real data, before the cut
@@ -127,6 +130,8 @@ class Slimming:
         Raises ``NothingCutError`` for a percent or FLOPs budget that removes nothing.
         """
         self.stop(keep=True)  # a loop that cuts mid-epoch (by iteration) may still be recording
+        if self.distill is not None:
+            self.distill.take(net)  # after stop(): the recorder's hook must not be copied along
         device = next(iter(net.parameters()), torch.empty(0)).device
         stats = self.fold_stats
         if stats is not None:  # from a checkpoint they may sit on the CPU

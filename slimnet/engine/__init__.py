@@ -4,6 +4,9 @@ Read in this order:
 
 * ``plan``        -- |γ| and a policy (thresh | percent, ties broken by β) -> kept channels per group
 * ``budget``      -- the threshold that meets a FLOPs budget (``target_flops``)
+* ``valley``      -- ``thresh="auto"``: each layer cut at the valley of its own |γ|
+* ``latency_table``  -- per-layer latency against width, measured once per model/input/device, cached
+* ``latency_budget`` -- ``target_latency``: the knapsack over that table, widths rounded where latency jumps
 * ``fold``        -- what removed channels still emit, moved into the biases that remain
 * ``surgery``     -- slicing every parameter axis a plan names, all or nothing; replaying a plan
 * ``cut``         -- ``prune`` and ``run_surgery``: trace, decide, fold, cut, report

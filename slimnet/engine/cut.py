@@ -18,6 +18,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from slimnet.engine.budget import threshold_for_flops
 from slimnet.engine.fold import InputStats, fold_removed_inputs
+from slimnet.engine.latency_budget import LatencyBudget, check_target_latency
 from slimnet.engine.measure import (
     count_flops,
     count_params,
@@ -39,6 +40,7 @@ from slimnet.engine.plan import (
 )
 from slimnet.engine.report import PruneReport
 from slimnet.engine.surgery import apply_plan, check_plan, transaction
+from slimnet.engine.valley import Valley, valley_note, valley_scores
 from slimnet.errors import NothingCutError, first_line
 from slimnet.graph import NORM_TYPES, ChannelGraph, trace_channel_groups
 from slimnet.modes import preserved_modes
@@ -76,6 +78,9 @@ def prune(
     within=None,
     input_stats: InputStats | None = None,
     cut_frozen: bool = False,
+    target_latency: float | None = None,
+    latency_table=None,
+    latency_settings=None,
 ) -> dict:
     """Remove the channels whose BatchNorm |γ| is small, for real, in place.
 
@@ -109,11 +114,22 @@ def prune(
         cut_frozen: rank and cut norms whose γ does not require grad (``requires_grad=False``, e.g. a
             detector's frozen stages, or FrozenBatchNorm2d, whose γ is a buffer) as if they had been
             sparsity-trained. By default their channel groups are kept whole and named in the warnings.
+        target_latency: keep at most this fraction (in (0, 1)) of the latency predicted by the model's latency
+            table, choosing channels by |γ| per unit of latency saved (a knapsack over the table) at widths
+            the hardware likes (a rounding step per layer, from the table); wins over ``percent``. The table
+            is measured here once and cached, or given; the cut model is then timed against the uncut one and
+            a latency far from the prediction is a warning (``slimnet.engine.latency_budget``).
+        latency_table: a ``LatencyTable`` or the path of one (JSON), e.g. measured on the deployment device;
+            None: the cached table, else measured now. A table measured elsewhere is refused.
+        latency_settings: ``LatencySettings`` or a mapping of its fields (batch, threads, dtype, backend,
+            device, device_name, grid, steps, repeats, tolerance, check, cache_dir); None: the defaults.
 
     Returns:
         a ``PruneReport``: ``flops_before/after``, ``params_before/after``, ``threshold``, ``channels``
         (module -> [before, after] for every layer that changed), ``groups``, ``warnings``, ``folded``
-        (layers that absorbed removed channels' constants), ``plan`` and ``pass_plan``.
+        (layers that absorbed removed channels' constants), ``plan`` and ``pass_plan``; with
+        ``target_latency``, ``report["latency"]``: predicted and measured latency, each layer's rounding, the
+        table (where it came from, what building it cost).
         ``threshold`` is the largest |γ| cut; ``threshold_reproduces`` says whether ``thresh=threshold``
         on the same model gives the same plan (not when the cut split a tie: the warnings say which).
 
@@ -124,6 +140,14 @@ def prune(
     """
     if thresh is not None and target_flops is not None:
         raise ValueError("prune: give thresh or target_flops, not both")
+    if target_latency is not None:
+        check_target_latency(target_latency)
+        if thresh is not None or target_flops is not None:
+            raise ValueError("prune: give target_latency or thresh / target_flops, not two policies")
+    valley = isinstance(thresh, str)
+    if valley and thresh != "auto":
+        raise ValueError(f"prune: thresh={thresh!r}: give a number (an absolute |γ|) or 'auto' (each layer at "
+                         "the valley of its own |γ| histogram)")
     if not any(isinstance(m, NORM_TYPES) for m in model.modules()):
         norms = sorted({type(m).__name__ for m in model.modules() if "Norm" in type(m).__name__})
         raise ValueError(
@@ -132,6 +156,13 @@ def prune(
             "needs BatchNorm after the convs you want to prune. Hint: slimnet.prune_zeroed(model, x) turns "
             "filters you zeroed yourself (e.g. with torch.nn.utils.prune) into a smaller model.")
 
+    if target_latency is not None:  # slimnet.engine.latency_budget: the table first, then the same surgery
+        policy = LatencyBudget(model, example_inputs, target_latency, table=latency_table, settings=latency_settings,
+                               min_channels=min_channels, round_to=round_to, leaf_modules=leaf_modules,
+                               within=within, cut_frozen=cut_frozen)
+        report = run_surgery(model, example_inputs, policy.choose, fold_bias=fold_bias, measure_inputs=fold_bias,
+                             leaf_modules=leaf_modules, caller="prune", input_stats=input_stats)
+        return policy.finish(report)
     asked = _asked(thresh, percent, target_flops)
     if target_flops is not None:
         with torch.no_grad():
@@ -140,14 +171,21 @@ def prune(
                                            cut_frozen=cut_frozen)
         thresh, percent = (found, None) if found > -math.inf else (None, 0.0)
     seen: list[tuple[ChannelGraph, PlanDecision]] = []
+    valleys: dict[str, Valley] = {}
 
     def choose(graph: ChannelGraph, stats: InputStats) -> PlanDecision:
         known = len(graph.warnings)
         graph = mark_frozen(restrict_to(graph, within), model, cut_frozen)
         for message in graph.warnings[known:]:  # frozen γ: named, once, as the trace's own warnings are
             warnings.warn(f"prune: {message}", stacklevel=4)
-        decision = decide(graph, model, thresh=thresh, percent=percent, min_channels=min_channels,
-                          round_to=round_to, tie_break=target_flops is not None)
+        if valley:  # each layer's |γ| over its own valley: a channel stays above 1
+            ratios, found = valley_scores(graph, model, group_scores(graph, model))
+            valleys.update(found)
+            decision = decide(graph, model, thresh=1.0, min_channels=min_channels, round_to=round_to, scores=ratios)
+            decision.plan.policy = {**asked, "min_channels": min_channels, "round_to": round_to}
+        else:
+            decision = decide(graph, model, thresh=thresh, percent=percent, min_channels=min_channels,
+                              round_to=round_to, tie_break=target_flops is not None)
         seen.append((graph, decision))
         if not decision.plan and _wants_a_cut(asked):  # refused before any tensor changes: all or nothing
             raise NothingCutError(f"prune: {_policy_text(asked)} removes nothing, the model is unchanged: "
@@ -159,7 +197,10 @@ def prune(
     report = run_surgery(model, example_inputs, choose, fold_bias=fold_bias, measure_inputs=fold_bias,
                          leaf_modules=leaf_modules, caller="prune", input_stats=input_stats)
     (graph, decision), notes = seen[0], []
-    if "thresh" in asked and not report.channels:
+    if valley:
+        notes.append(valley_note(valleys) or "thresh='auto': no BatchNorm layer to look for a valley in")
+        report.details["valleys"] = {name: v.threshold for name, v in valleys.items()}  # None: no valley
+    elif "thresh" in asked and not report.channels:
         notes.append(nothing_cut_message(graph, model, report.threshold, min_channels))
     if decision.split_tie is not None:
         notes.append(_split_tie_message(decision, asked))

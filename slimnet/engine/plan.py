@@ -89,11 +89,12 @@ class PlanDecision:
     floored: list[str] = field(default_factory=list)  # groups that hit min_channels
     # (channels, |γ|) of a tie the cut split by β, which ``thresh=threshold`` would cut whole or not at all
     split_tie: tuple[int, float] | None = None
+    global_equivalent: bool = True  # False: per-layer scores (the valley cut) that no one threshold gives
 
     @property
     def reproduces(self) -> bool | None:
         """Whether ``thresh=threshold`` on the same model gives this very plan (None: no threshold)."""
-        return None if self.threshold is None else self.split_tie is None
+        return None if self.threshold is None else self.split_tie is None and self.global_equivalent
 
 
 def group_scores(graph: ChannelGraph, model: nn.Module) -> dict[int, torch.Tensor]:
@@ -103,14 +104,14 @@ def group_scores(graph: ChannelGraph, model: nn.Module) -> dict[int, torch.Tenso
     for group in graph.groups:
         if not group.prunable:
             continue
-        per_norm = [_per_channel(modules[ref.module].weight.detach().abs(), ref, group) for ref in group.norms
+        per_norm = [norm_channels(modules[ref.module].weight.detach().abs(), ref, group) for ref in group.norms
                     if getattr(modules[ref.module], "weight", None) is not None]  # affine=False: nothing to rank by
         if per_norm:
             scores[group.id] = torch.stack(per_norm).amax(0)
     return scores
 
 
-def _per_channel(param: torch.Tensor, ref, group: ChannelGroup) -> torch.Tensor:
+def norm_channels(param: torch.Tensor, ref, group: ChannelGroup) -> torch.Tensor:
     """A norm's parameter as one value per channel of ``group`` (the largest over the ``mult`` entries)."""
     return _norm_entries(param, ref, group).amax(1)
 
@@ -121,7 +122,7 @@ def _group_betas(graph: ChannelGraph, model: nn.Module, scores: dict[int, torch.
     betas = {}
     for gid in scores:
         group = graph.groups[gid]
-        per_norm = [_per_channel(modules[ref.module].bias.detach(), ref, group) for ref in group.norms
+        per_norm = [norm_channels(modules[ref.module].bias.detach(), ref, group) for ref in group.norms
                     if getattr(modules[ref.module], "bias", None) is not None]
         betas[gid] = torch.stack(per_norm).amax(0) if per_norm else torch.zeros(group.size)
     return betas
@@ -343,12 +344,16 @@ def decide(
     min_channels: int = 1,
     round_to: int = 1,
     tie_break: bool = False,
+    scores: dict[int, torch.Tensor] | None = None,
 ) -> PlanDecision:
     """Turn |γ| and a policy into a plan. ``thresh`` wins over ``percent`` when both are given.
 
     ``tie_break``: ``thresh`` is on ``tie_broken`` scores (a FLOPs budget's thresholds come from them);
     a ``percent`` whose cut ends inside a tie splits it the same way. Then the threshold reported is the
-    largest |γ| actually cut, and ``split_tie`` says when ``thresh=`` that would not give this plan."""
+    largest |γ| actually cut, and ``split_tie`` says when ``thresh=`` that would not give this plan.
+
+    ``scores``: per-group channel scores to compare with ``thresh`` instead of |γ| (the valley cut's |γ|
+    over each layer's own threshold); the threshold reported is then the largest |γ| actually cut."""
     if thresh is None and percent is None:
         raise ValueError("give prune thresh=… (absolute |γ| threshold) or percent=… (fraction of channels)")
     if thresh is not None and not (thresh >= 0):  # also catches NaN
@@ -357,7 +362,8 @@ def decide(
         raise ValueError(f"prune percent must be in [0, 1), got {percent}")
     policy = {"thresh": thresh, "percent": None if thresh is not None else percent,
               "min_channels": min_channels, "round_to": round_to}
-    scores = plain = group_scores(graph, model)
+    plain = group_scores(graph, model)
+    own, scores = scores is not None, plain if scores is None else scores
     if thresh is None:
         thresh, broken = _percent_cutoff(graph, model, plain, percent)
         tie_break, scores = broken is not None, plain if broken is None else broken
@@ -365,8 +371,13 @@ def decide(
         scores = tie_broken(plain, graph, model)
     kept, floored = _kept(graph, scores, thresh, min_channels, round_to)
     split = None
-    if tie_break:  # a tie-broken score is no γ a user could pass: report the largest |γ| cut
+    if own or tie_break:  # a ratio or a tie-broken score is no γ a user could pass: report the largest |γ| cut
         thresh = _largest_cut(plain, scores, kept, thresh)
+    equivalent = True
+    if own:
+        again, _ = _kept(graph, plain, thresh, min_channels, round_to)
+        equivalent = {g: v.tolist() for g, v in again.items()} == {g: v.tolist() for g, v in kept.items()}
+    if tie_break and not own:
         again, again_floored = _kept(graph, plain, thresh, min_channels, round_to)
         split = _split_tie(plain, kept, again)
         floored = floored if split else again_floored  # floors as `thresh=` sees them, when it is the same cut
@@ -380,7 +391,8 @@ def decide(
             warnings.warn(f"prune: threshold {thresh:.4g} is above every |γ| in the network: it removed "
                           "everything it could and every layer is at min_channels", stacklevel=2)
     plan = plan_for(graph, kept, threshold=thresh, policy=policy)
-    return PlanDecision(plan=plan, threshold=thresh, kept=kept, floored=floored, split_tie=split)
+    return PlanDecision(plan=plan, threshold=thresh, kept=kept, floored=floored, split_tie=split,
+                        global_equivalent=equivalent)
 
 
 def _kept(graph: ChannelGraph, scores: dict[int, torch.Tensor], thresh: float, min_channels: int,

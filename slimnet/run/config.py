@@ -198,8 +198,9 @@ def validate(cfg: DictConfig) -> None:
     plugin = task_plugin(cfg)
     check_model_and_data(cfg)
     plugin.check(cfg)
-    if p.thresh is not None and (not _number(p.thresh) or math.isnan(p.thresh) or p.thresh < 0):
-        raise ConfigError(f"prune.thresh={p.thresh} must be a number >= 0 (an absolute |γ| threshold)")
+    if p.thresh is not None and p.thresh != "auto" and (not _number(p.thresh) or math.isnan(p.thresh) or p.thresh < 0):
+        raise ConfigError(f"prune.thresh={p.thresh} must be a number >= 0 (an absolute |γ| threshold) or auto (each "
+                          "layer at the valley of its own |γ| histogram)")
     if p.percent is not None and (not _number(p.percent) or not 0 <= p.percent < 1):
         raise ConfigError(f"prune.percent={p.percent} must be in [0, 1) (the fraction of channels pruned)")
     if p.get("target_flops") is not None:
@@ -217,6 +218,15 @@ def validate(cfg: DictConfig) -> None:
         if max_epochs is not None and max_epochs >= 0 and p.epoch >= max_epochs:
             raise ConfigError(f"prune.epoch={p.epoch} must be < trainer.max_epochs={max_epochs}, "
                               "or the model is never cut; lower prune.epoch or raise trainer.max_epochs")
+    f = cfg.finetune
+    if f.get("distill"):
+        if not pruning_enabled(cfg):
+            raise ConfigError("finetune.distill=true needs a cut to distil into (prune.epoch and a policy); "
+                              "set finetune.distill=false or configure prune")
+        if not (_number(f.distill_temperature) and f.distill_temperature > 0):
+            raise ConfigError(f"finetune.distill_temperature={f.distill_temperature} must be > 0")
+        if not (_number(f.distill_weight) and 0 <= f.distill_weight <= 1):
+            raise ConfigError(f"finetune.distill_weight={f.distill_weight} must be in [0, 1]")
     if p.min_channels < 1:
         raise ConfigError(f"prune.min_channels={p.min_channels} must be >= 1 (a layer with no channel is dead)")
     if p.round_to < 1:

@@ -102,7 +102,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 def _policy(row: dict) -> str:
     """What a job asked for, short: ``t=0.2``, ``F≤0.5``, ``p=0.63`` (empty for an unpruned reference)."""
     if row.get("thresh") is not None:
-        return f"t={row['thresh']:g}"
+        return f"t={row['thresh']}" if isinstance(row["thresh"], str) else f"t={row['thresh']:g}"
     if row.get("target_flops") is not None:
         return f"F≤{row['target_flops']:g}"
     if row.get("percent") is not None:

@@ -10,6 +10,7 @@ resumes a cut run at the cut widths.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from pathlib import Path
@@ -21,7 +22,8 @@ from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.seed import isolate_rng
 
-from slimnet.core import Slimming
+from slimnet.core import Distillation, Slimming
+from slimnet.core.distill import ATTRIBUTE as DISTILL_ATTRIBUTE
 from slimnet.core.submodule import resolve_submodule, submodule_input
 from slimnet.engine.plan import PrunePlan
 from slimnet.loops.lightning.checkpoint import Slimmable
@@ -76,6 +78,11 @@ class SlimmingCallback(Callback):
         on_sparse_saved: called with that file's path once it is written.
         within: cut only channel groups whose norms all lie in these sub-modules of the cut network
             (dotted names relative to it); the layers outside that read them lose the same channels.
+        distill: fine-tune with a frozen copy of the uncut network as teacher (``True`` or a
+            ``slimnet.core.Distillation(temperature, weight)``): the module's training step mixes its
+            soft targets in with ``loss = slimnet.distilled(self, x, logits, loss)``. Needs ``module``
+            (the network whose output is the logits); implies ``save_sparse`` (a resumed fine-tune
+            restores the teacher from ``sparse.ckpt``, not from a copy in every checkpoint).
 
     Raises:
         ValueError: no policy, or thresh with target_flops; before training an epoch past the end, an
@@ -95,15 +102,28 @@ class SlimmingCallback(Callback):
                  target_flops: float | None = None, module: str | None = None, example_input=None,
                  module_input: bool = False, min_channels: int = 1, round_to: int = 1, fold_bias: bool = True,
                  restart_schedule: bool = False, carry_optimizer_state: bool = True, cut_frozen: bool = False,
-                 evaluate=None, leaf_modules=(), save_sparse: bool = False, on_sparse_saved=None, within=None):
+                 evaluate=None, leaf_modules=(), save_sparse: bool = False, on_sparse_saved=None, within=None,
+                 distill: Distillation | bool | None = None):
+        distill = Distillation(where="SlimmingCallback") if distill is True else distill or None
+        if distill is not None and not module:
+            raise ValueError("SlimmingCallback(distill=…) needs module='<the network attribute>' (e.g. "
+                             "module='model'): the teacher is a frozen copy of that network")
         self.core = Slimming(epoch, thresh, percent, target_flops, min_channels=min_channels, round_to=round_to,
                              fold_bias=fold_bias, carry_optimizer_state=carry_optimizer_state, cut_frozen=cut_frozen,
-                             leaf_modules=leaf_modules, within=within, where="SlimmingCallback")
+                             leaf_modules=leaf_modules, within=within, distill=distill, where="SlimmingCallback")
         self.module, self.example_input, self.module_input = module, example_input, module_input
         self.restart_schedule, self.evaluate = restart_schedule, evaluate
-        self.save_sparse, self.on_sparse_saved = save_sparse, on_sparse_saved
+        self.save_sparse, self.on_sparse_saved = save_sparse or distill is not None, on_sparse_saved
         self.report: dict | None = None
         self._inputs: tuple | None = None  # the sub-module's example input (batch of one is enough)
+        self._teacher_from: str | None = None  # a checkpoint holding the uncut network's weights at the cut
+        self._skeleton: torch.nn.Module | None = None  # an uncut copy for a resumed fine-tune's teacher
+        self._sparse_path: Path | None = None
+        self._trainer: pl.Trainer | None = None
+
+    @property
+    def distill(self) -> Distillation | None:
+        return self.core.distill
 
     @property
     def epoch(self) -> int:
@@ -127,6 +147,7 @@ class SlimmingCallback(Callback):
 
     # -- set-up: replay a saved cut, find the example input, fail before training ------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = trainer
         self._target(pl_module)  # a wrong name fails now
         if stage == "fit":
             _check_strategy(trainer.strategy)
@@ -143,12 +164,24 @@ class SlimmingCallback(Callback):
         original = pl_module.on_load_checkpoint
 
         def on_load_checkpoint(checkpoint: dict) -> None:
-            self.core.replay(self._target(pl_module), (checkpoint.get("callbacks") or {}).get(self.state_key) or {})
+            state = (checkpoint.get("callbacks") or {}).get(self.state_key) or {}
+            self._note_teacher(pl_module, state)
+            self.core.replay(self._target(pl_module), state)
             original(checkpoint)
 
         on_load_checkpoint._slimnet_replay = self
         on_load_checkpoint._slimnet_original = original
         pl_module.on_load_checkpoint = on_load_checkpoint
+
+    def _note_teacher(self, pl_module: pl.LightningModule, state: dict) -> None:
+        """While a resumed module is still uncut: a fine-tune's teacher needs an uncut copy to load into; a
+        sparse-phase checkpoint (a shared sparse phase) is where the teacher's weights will be."""
+        if self.distill is None or self._trainer is None or self._trainer.state.fn != "fit":
+            return
+        if state.get("done"):
+            self._skeleton = copy.deepcopy(self._target(pl_module))
+        elif self._trainer.ckpt_path:
+            self._teacher_from = str(self._trainer.ckpt_path)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         hook = pl_module.__dict__.get("on_load_checkpoint")
@@ -182,6 +215,7 @@ class SlimmingCallback(Callback):
         self.core.check(trainer.max_epochs)
         if self.done:  # resumed after the cut: keep naming this phase's checkpoints as such
             self._new_checkpoint_phase(trainer, reset=False)
+            self._restore_teacher(trainer, pl_module)
             return
         self._inputs = _to(self._inputs, pl_module.device)  # recorded in setup, before the model moved
         self.core.check_cuttable(self._target(pl_module), self._inputs, self.module or type(pl_module).__name__)
@@ -208,11 +242,35 @@ class SlimmingCallback(Callback):
             before = {"evaluate": self._evaluate(trainer, pl_module)}
         start = time.perf_counter()
         self.report = self._cut(trainer, pl_module)
+        if self.distill is not None:
+            self._teacher_from = self._teacher_from or (str(self._sparse_path) if self._sparse_path else None)
+            self._hand_teacher(pl_module)
         self.report["val_before_cut"] = before
         self.report["surgery_seconds"] = time.perf_counter() - start
         if self.evaluate is not None:
             self.report["after_cut"] = self._evaluate(trainer, pl_module)
         self._log_report(trainer)
+
+    def _restore_teacher(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A fine-tune resumed after the cut: the teacher's weights from the sparse-phase checkpoint."""
+        if self.distill is None or self.distill.ready:
+            return
+        source = self._teacher_from
+        if self._skeleton is None or not source or not Path(source).is_file():
+            raise ValueError(f"SlimmingCallback(distill=…): the teacher's weights were in {source or 'no checkpoint'}, "
+                             "which is gone; resume with that sparse.ckpt in place, or without distill")
+        state = trainer.strategy.checkpoint_io.load_checkpoint(source)["state_dict"]
+        prefix = f"{self.module}."
+        self.distill.restore(self._skeleton, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        self._skeleton = None
+        self._hand_teacher(pl_module)
+
+    def _hand_teacher(self, pl_module: pl.LightningModule) -> None:
+        """Where ``slimnet.distilled(module, …)`` finds the teacher: on the module, not as a sub-module."""
+        self.distill.to(pl_module.device)
+        object.__setattr__(pl_module, DISTILL_ATTRIBUTE, self.distill)
+        log.info("distilling from the uncut network (T=%g, weight %g): its teacher holds %.1f MB",
+                 self.distill.temperature, self.distill.weight, self.distill.teacher_bytes() / 1e6)
 
     def _evaluate(self, trainer, pl_module):
         """``evaluate``, with the random streams as they were: a loader it iterates draws a seed, and a
@@ -232,7 +290,7 @@ class SlimmingCallback(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.core.stop(keep=True)
         if self.save_sparse and not self.done and trainer.current_epoch == self.epoch - 1:
-            path = self._save_sparse(trainer)
+            path = self._sparse_path = self._save_sparse(trainer)
             if path is not None and self.on_sparse_saved is not None and trainer.is_global_zero:
                 self.on_sparse_saved(path)
 
@@ -295,11 +353,13 @@ class SlimmingCallback(Callback):
 
     # -- state --------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {**self.core.state_dict(), "report": self.report, "module": self.module}
+        return {**self.core.state_dict(), "report": self.report, "module": self.module,
+                "teacher_from": self._teacher_from}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.core.load_state_dict(state_dict)
         self.report = state_dict.get("report")
+        self._teacher_from = state_dict.get("teacher_from") or self._teacher_from
 
     @rank_zero_only
     def _log_report(self, trainer) -> None:

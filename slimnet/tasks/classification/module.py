@@ -17,6 +17,7 @@ import torch
 import torchmetrics
 from torch import nn
 
+from slimnet.core.distill import distilled
 from slimnet.engine.plan import PrunePlan
 from slimnet.loops.lightning.checkpoint import Slimmable
 from slimnet.models.build import build_model
@@ -89,6 +90,8 @@ class SlimModule(Slimmable, pl.LightningModule):
             x = x.contiguous(memory_format=torch.channels_last)
         logits = self.model(x)  # (B, num_classes)
         loss = self.criterion(logits, y)
+        if stage == "train":  # the uncut model's soft targets, once a SlimmingCallback(distill=…) has cut
+            loss = distilled(self, x, logits, loss)
         metric(logits, y)
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=stage != "test", sync_dist=not on_step)

@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from slimnet.core.distill import Distillation
 from slimnet.data.custom import DataFacts, build_custom_datamodule, describe
 from slimnet.engine.artifact import save_pruned
 from slimnet.engine.cut import layer_widths
@@ -72,7 +73,8 @@ def build_module(cfg: DictConfig, facts: DataFacts, prune_epoch: int | None) -> 
     return SlimModule(
         model_config=model.slimnet_config,
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
-        finetune=OmegaConf.to_container(cfg.finetune, resolve=True),
+        finetune={k: v for k, v in OmegaConf.to_container(cfg.finetune, resolve=True).items()
+                  if not k.startswith("distill")},  # the optimizer's keys; distillation is the callback's
         prune_epoch=prune_epoch,
         num_classes=num_classes,
         model=model,
@@ -111,8 +113,11 @@ class Classification(TaskPlugin):
 
     def slimming_callback(self, **kwargs) -> SlimmingCallback:
         # the fine-tune phase has its own optimizer and schedule (SlimModule's finetune config)
+        f = self.cfg.finetune
+        distill = Distillation(f.distill_temperature, f.distill_weight, where="finetune.distill") \
+            if f.get("distill") else None
         return SlimmingCallback(module="model", example_input=self.example, module_input=True,
-                                restart_schedule=True, carry_optimizer_state=False, **kwargs)
+                                restart_schedule=True, carry_optimizer_state=False, distill=distill, **kwargs)
 
     def measure(self) -> dict:
         flops, params = count_flops(self.module.model, self.example)

@@ -57,6 +57,10 @@ class Detection(TaskPlugin):
 
     @classmethod
     def check(cls, cfg: DictConfig) -> None:
+        if cfg.finetune.get("distill"):
+            raise ConfigError("finetune.distill is for classification: a detector's losses match anchors and "
+                              "proposals inside torchvision's heads, not logits a teacher could share; set "
+                              "finetune.distill=false")
         scope = cfg.prune.get("scope") or "backbone"
         if scope not in SCOPES:
             raise ConfigError(f"prune.scope={scope!r} is not one a detector can be cut in; choose one of: "
