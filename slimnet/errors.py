@@ -39,6 +39,11 @@ class DataError(UserError, ValueError):
     """A data module that cannot serve the run; the message says what to add."""
 
 
+class LatencyTableError(UserError, ValueError):
+    """A latency table that cannot serve this cut (measured elsewhere, for another model, or there is no way
+    to measure one); the message says what to do."""
+
+
 class ConfigError(UserError, ValueError):
     """A run config that cannot work; the message names the key and what to set."""
 

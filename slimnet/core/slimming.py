@@ -26,6 +26,7 @@ from torch import nn
 from slimnet.core.distill import Distillation
 from slimnet.engine.cut import prune
 from slimnet.engine.fold import InputStats
+from slimnet.engine.latency_budget import check_latency_options
 from slimnet.engine.optim_state import carry_optimizer_state, retarget_optimizer
 from slimnet.engine.plan import PrunePlan, mark_frozen, restrict_to
 from slimnet.engine.surgery import replay_plan
@@ -43,8 +44,9 @@ class Slimming:
 
     Args:
         epoch: epoch at whose start the cut happens (the sparse phase is ``[0, epoch)``).
-        thresh / percent / target_flops: the policy (see ``slimnet.prune``); thresh and target_flops
-            win over percent.
+        thresh / percent / target_flops / target_latency: the policy (see ``slimnet.prune``); thresh,
+            target_flops and target_latency win over percent; ``latency_table`` / ``latency_settings`` go
+            with target_latency (checked now: no way to measure fails before training).
         min_channels, round_to, fold_bias, leaf_modules, within, cut_frozen: as ``slimnet.prune``.
         carry_optimizer_state: keep the surviving channels' optimizer state over the cut.
         distill: a ``Distillation`` whose teacher is a frozen copy of the network right before the cut.
@@ -54,11 +56,18 @@ class Slimming:
     def __init__(self, epoch: int, thresh: float | None = None, percent: float | None = None,
                  target_flops: float | None = None, *, min_channels: int = 1, round_to: int = 1,
                  fold_bias: bool = True, carry_optimizer_state: bool = True, cut_frozen: bool = False,
-                 leaf_modules=(), within=None, distill: Distillation | None = None, where: str = "Slimming"):
-        if thresh is None and percent is None and target_flops is None:
-            raise ValueError(f"{where} needs thresh=…, percent=… or target_flops=…")
-        if thresh is not None and target_flops is not None:
-            raise ValueError(f"give {where} thresh or target_flops, not both")
+                 leaf_modules=(), within=None, distill: Distillation | None = None,
+                 target_latency: float | None = None, latency_table=None, latency_settings=None,
+                 where: str = "Slimming"):
+        if thresh is None and percent is None and target_flops is None and target_latency is None:
+            raise ValueError(f"{where} needs thresh=…, percent=…, target_flops=… or target_latency=…")
+        if sum(p is not None for p in (thresh, target_flops, target_latency)) > 1:
+            raise ValueError(f"give {where} one of thresh, target_flops and target_latency, not several")
+        if target_latency is not None:
+            try:
+                check_latency_options(target_latency, latency_table, latency_settings)
+            except ValueError as err:
+                raise type(err)(f"{where}: {err}") from None
         if not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"{where}: epoch={epoch!r} must be an integer >= 0")
         if percent is not None and not 0 <= percent < 1:
@@ -68,8 +77,9 @@ class Slimming:
         if min_channels < 1:
             raise ValueError(f"{where}: min_channels={min_channels} must be >= 1")
         self.epoch, self.where = epoch, where
-        self.thresh, self.target_flops = thresh, target_flops
-        self.percent = None if thresh is not None or target_flops is not None else percent
+        self.thresh, self.target_flops, self.target_latency = thresh, target_flops, target_latency
+        self.latency = {"latency_table": latency_table, "latency_settings": latency_settings}
+        self.percent = None if any(p is not None for p in (thresh, target_flops, target_latency)) else percent
         self.min_channels, self.round_to, self.fold_bias = min_channels, round_to, fold_bias
         self.carry_optimizer_state, self.cut_frozen = carry_optimizer_state, cut_frozen
         self.leaf_modules, self.within = leaf_modules, within
@@ -81,7 +91,10 @@ class Slimming:
 
     @property
     def policy(self) -> str:
-        return "thresh" if self.thresh is not None else "target_flops" if self.target_flops is not None else "percent"
+        for policy in ("thresh", "target_flops", "target_latency"):
+            if getattr(self, policy) is not None:
+                return policy
+        return "percent"
 
     # -- before training ----------------------------------------------------------------------------
     def check(self, max_epochs: int | None) -> None:
@@ -141,7 +154,8 @@ class Slimming:
             warnings.simplefilter("always")
             report = prune(net, inputs, min_channels=self.min_channels, round_to=self.round_to,
                            fold_bias=self.fold_bias, leaf_modules=self.leaf_modules, within=self.within,
-                           cut_frozen=self.cut_frozen, input_stats=stats, **{self.policy: getattr(self, self.policy)})
+                           cut_frozen=self.cut_frozen, input_stats=stats, **{self.policy: getattr(self, self.policy)},
+                           **(self.latency if self.policy == "target_latency" else {}))
         self.fold_stats = None  # spent: no later checkpoint carries anything of the data
         self.plan, self.done = net.slimnet_plan, True
         for optimizer in optimizers or ():

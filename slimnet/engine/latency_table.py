@@ -69,7 +69,7 @@ from torch.nn.modules.conv import _ConvNd
 from slimnet.engine.atomic import atomic_write
 from slimnet.engine.plan import plan_for
 from slimnet.engine.surgery import apply_plan
-from slimnet.errors import UnreadableFileError, UserError, first_line
+from slimnet.errors import LatencyTableError, UnreadableFileError, first_line
 from slimnet.graph import ChannelGraph, trace_channel_groups
 from slimnet.modes import preserved_modes
 
@@ -80,11 +80,6 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 KEY_FIELDS = ("device", "threads", "dtype", "backend", "batch", "torch")
 
 Call = Callable[[], object]
-
-
-class LatencyTableError(UserError, ValueError):
-    """A latency table that cannot serve this cut (measured elsewhere, for another model, or there is no way
-    to measure one); the message says what to do."""
 
 
 @dataclass(frozen=True)

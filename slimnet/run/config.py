@@ -15,7 +15,8 @@ from pathlib import Path
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
-from slimnet.errors import ConfigError
+from slimnet.engine.latency_budget import check_latency_options
+from slimnet.errors import ConfigError, first_line
 from slimnet.locate import TargetImportError, locate, unknown_keywords
 from slimnet.models.build import DATA_ARGS
 from slimnet.sparsity.step import KINDS
@@ -34,7 +35,7 @@ def _number(value) -> bool:
 
 def pruning_enabled(cfg: DictConfig) -> bool:
     p = cfg.prune
-    return p.epoch is not None and any(p.get(k) is not None for k in ("thresh", "percent", "target_flops"))
+    return p.epoch is not None and any(p.get(k) is not None for k in ("thresh", "percent", "target_flops", "target_latency"))
 
 
 @functools.cache
@@ -185,8 +186,11 @@ def _unknown_choice(group: str, choice: str, options: list[str]) -> ConfigError:
 def cut_policy(p: DictConfig) -> dict:
     """The one policy a run's ``prune`` config cuts by: thresh or target_flops (when given) win over the
     default percent."""
-    for key in ("thresh", "target_flops", "percent"):
+    for key in ("thresh", "target_flops", "target_latency", "percent"):
         if p.get(key) is not None:
+            if key == "target_latency":  # the table and how it is measured go with it
+                return {key: p[key], "latency_table": p.get("latency_table"),
+                        "latency_settings": OmegaConf.to_container(p.latency, resolve=True) if p.get("latency") else None}
             return {key: p[key]}
     return {}
 
@@ -208,6 +212,14 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError("prune.thresh and prune.target_flops are both set; keep one of them")
         if not _number(p.target_flops) or not 0 < p.target_flops <= 1:
             raise ConfigError(f"prune.target_flops={p.target_flops} must be in (0, 1] (the fraction of FLOPs kept)")
+    if p.get("target_latency") is not None:
+        if p.thresh is not None or p.get("target_flops") is not None:
+            raise ConfigError("prune.target_latency and prune.thresh / prune.target_flops are both set; keep one of them")
+        try:  # the target, the settings and a way to measure: before any epoch is trained
+            check_latency_options(p.target_latency, p.get("latency_table"),
+                                  OmegaConf.to_container(p.latency, resolve=True) if p.get("latency") else None)
+        except ValueError as err:
+            raise ConfigError(f"prune.{first_line(err)}") from None
     max_epochs = cfg.trainer.max_epochs
     if max_epochs is not None and max_epochs != -1 and (not isinstance(max_epochs, int) or max_epochs < 1):
         raise ConfigError(f"trainer.max_epochs={max_epochs} trains nothing; set it to 1 or more "

@@ -252,8 +252,8 @@ def _fit_and_report(cfg, run_dir, task, datamodule, module, ckpt_path, extra_cal
     before_cut = cut.get("val_before_cut") or {}  # the last validation before the cut, or an evaluation of it
     prune_cfg = OmegaConf.to_container(cfg.prune, resolve=True)
     policy = cut_policy(cfg.prune) if pruning_enabled(cfg) else {}
-    for key in ("thresh", "percent", "target_flops"):  # record only the policy the cut used
-        if key not in policy:
+    for key in ("thresh", "percent", "target_flops", "target_latency", "latency_table", "latency"):
+        if key not in policy and not (key == "latency" and "target_latency" in policy):  # only the policy used
             prune_cfg.pop(key, None)
     timer = next(cb for cb in callbacks if isinstance(cb, PhaseTimer))
     sparsity = next((cb for cb in callbacks if isinstance(cb, SparsityCallback)), None)
@@ -278,6 +278,9 @@ def _fit_and_report(cfg, run_dir, task, datamodule, module, ckpt_path, extra_cal
         "sparsity": {"kind": sparsity.kind, "target": sparsity.target, "eps": sparsity.eps,
                      "history": sparsity.history} if sparsity is not None else None,
         "warnings": cut.get("warnings", []),
+        # target_latency: predicted and measured latency of the cut (median, p25-p75), each layer's rounding,
+        # the table's source and cost (slimnet.engine.latency_budget)
+        "latency_cut": cut.get("latency"),
         "seconds": {**timer.seconds, "surgery": cut.get("surgery_seconds", 0.0), "fit": fit_seconds},
         "epochs_trained_here": dict(timer.epochs_here),
         "model_config": task.model_config(),
@@ -296,7 +299,8 @@ def _fit_and_report(cfg, run_dir, task, datamodule, module, ckpt_path, extra_cal
     if trainer.is_global_zero:
         for logger in loggers:
             logger.log_hyperparams(
-                {**{f"prune/{k}": v for k, v in policy.items()}, "prune/threshold_used": results["threshold"] or 0.0,
+                {**{f"prune/{k}": v for k, v in policy.items() if isinstance(v, (int, float, str))},
+                 "prune/threshold_used": results["threshold"] or 0.0,
                  "sparsity/lam": cfg.sparsity.lam},
                 {f"hp/test_{m}": results[f"test_{m}"] or 0.0, "hp/flops": after["flops"],
                  "hp/flops_reduction": results["flops_reduction"]})

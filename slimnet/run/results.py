@@ -28,6 +28,24 @@ def _wrapped(items: list[str], width: int = 100, indent: str = "  ") -> list[str
     return lines + ([indent + line] if line else [])
 
 
+def _latency_lines(latency: dict | None) -> list[str]:
+    """A ``target_latency`` cut: what the table predicted, what was measured (and its spread), the table."""
+    if not latency:
+        return []
+    p, m, table = latency.get("predicted") or {}, latency.get("measured"), latency.get("table") or {}
+    line = f"latency (target_latency): predicted {p.get('before_ms', 0):.3g} -> {p.get('after_ms', 0):.3g} ms"
+    if p.get("fraction") is not None:
+        line += f" ({100 * p['fraction']:.0f}%)"
+    if m:
+        line += (f"; measured {m['before_ms']:.3g} -> {m['after_ms']:.3g} ms ({100 * m['fraction']:.0f}%, "
+                 f"p25-p75 {100 * m['fraction_p25']:.0f}-{100 * m['fraction_p75']:.0f}%, {m['repeats']} repeats)")
+    elif latency.get("measured_skipped"):
+        line += f"; not measured: {latency['measured_skipped']}"
+    if table:
+        line += f"; table {table.get('source')} ({table.get('seconds', 0):.1f} s)"
+    return [line]
+
+
 def _headline(value, metric: str):
     """A metric's number from an evaluation that may report more (detection's ``{map, map_50}``)."""
     return value.get(metric) if isinstance(value, dict) else value
@@ -54,6 +72,7 @@ def summary_table(results: dict, layers: set[str] | None = None) -> str:
     lines += [f"{name:10s} {b:>12s} {a:>12s} {f:>12s} {c:>8s}" for name, b, a, f, c in rows]
     if results.get("threshold") is not None:
         lines.append(f"|γ| threshold used: {results['threshold']:.4g} ({results['policy']})")
+    lines += _latency_lines(results.get("latency_cut"))
     changed = [(n, b, a) for n, (b, a) in (results.get("channels") or {}).items()
                if (layers is None or n in layers)]
     cut = [f"{n} {b}->{a}" for n, b, a in changed if a != b]

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["job", "status", "overrides", "metric", "thresh", "percent", "target_flops", "threshold_used", "flops",
+COLUMNS = ["job", "status", "overrides", "metric", "thresh", "percent", "target_flops", "target_latency", "latency_ms", "threshold_used", "flops",
            "flops_before", "flops_reduction", "params", "params_before", "val_acc", "val_acc_after_cut",
            "test_acc", "speedup", "sparse_reused", "channels", "error"]
 
@@ -61,7 +61,9 @@ def collect(sweep_dir: str | Path) -> list[dict]:
         latency = r.get("latency") or {}
         rows.append({
             **row, "status": "ok", "thresh": prune.get("thresh"), "percent": prune.get("percent"),
-            "target_flops": prune.get("target_flops"), "threshold_used": r.get("threshold"),
+            "target_flops": prune.get("target_flops"), "target_latency": prune.get("target_latency"),
+            "latency_ms": ((r.get("latency_cut") or {}).get("measured") or {}).get("after_ms"),
+            **_measured_latency(latency), "threshold_used": r.get("threshold"),
             "flops": r["after"]["flops"], "flops_before": r["before"]["flops"],
             "flops_reduction": r["flops_reduction"], "params": r["after"]["params"],
             "params_before": r["before"]["params"], "val_acc": r.get("val_acc"),
@@ -76,6 +78,17 @@ def collect(sweep_dir: str | Path) -> list[dict]:
             "detector_flops_before": (r["before"].get("detector_flops") or {}).get("total"),
         })
     return rows
+
+
+def _measured_latency(latency: dict) -> dict:
+    """The cut and the unpruned model's latency as the run measured them side by side (``latency.*``: eager,
+    the smallest batch), the x axis of the latency picture."""
+    rows = [r for r in latency.get("rows", []) if r.get("backend") == "eager"]
+    if not rows:
+        return {}
+    row = min(rows, key=lambda r: r["batch"])
+    return {"latency_ms_measured": row["b"]["median_ms"], "latency_ms_unpruned": row["a"]["median_ms"],
+            "latency_batch": row["batch"]}
 
 
 def write_csv(rows: list[dict], path: str | Path) -> None:
@@ -105,6 +118,8 @@ def _policy(row: dict) -> str:
         return f"t={row['thresh']}" if isinstance(row["thresh"], str) else f"t={row['thresh']:g}"
     if row.get("target_flops") is not None:
         return f"F≤{row['target_flops']:g}"
+    if row.get("target_latency") is not None:
+        return f"L≤{row['target_latency']:g}"
     if row.get("percent") is not None:
         return f"p={row['percent']:g}"
     return ""
@@ -118,13 +133,13 @@ def kind_of(row: dict) -> str:
     return "cut nothing" if _policy(row) and row.get("percent") != 0 else "unpruned"
 
 
-def coinciding(rows: list[dict], metric: str) -> list[list[dict]]:
+def coinciding(rows: list[dict], metric: str, x: str = "flops") -> list[list[dict]]:
     """Jobs grouped by the point they land on (same FLOPs and the same metric to 0.01 pp): several
     thresholds that make the same cut draw one marker, labelled with all of them."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["flops"], round(100 * r[metric], 2), kind_of(r)), []).append(r)
-    return sorted(groups.values(), key=lambda g: g[0]["flops"])
+        groups.setdefault((r[x], round(100 * r[metric], 2), kind_of(r)), []).append(r)
+    return sorted(groups.values(), key=lambda g: g[0][x])
 
 
 def _group_label(group: list[dict]) -> str:
@@ -145,31 +160,37 @@ _STYLE = {  # kind: marker, size, face colour, edge colour, legend label
 }
 
 
-def plot(rows: list[dict], path: str | Path, metric: str = "test_acc") -> None:
-    """Accuracy against FLOPs: every job drawn as what it is (pruned, a threshold that cut nothing, an
-    unpruned reference), labelled by its policy; jobs that land on one point share one marker and one
-    label that says so; the Pareto front of the pruned runs."""
+# x axes of the sweep's pictures: column, the column of the unpruned model, scale, label
+AXES = {"flops": ("flops", "flops_before", 1e6, "FLOPs per image (M, 2×MACs)"),
+        "latency": ("latency_ms_measured", "latency_ms_unpruned", 1.0, "measured latency of the cut model (ms)")}
+
+
+def plot(rows: list[dict], path: str | Path, metric: str = "test_acc", axis: str = "flops") -> None:
+    """Accuracy against FLOPs (or measured latency): every job drawn as what it is (pruned, a threshold
+    that cut nothing, an unpruned reference), labelled by its policy; jobs that land on one point share
+    one marker and one label that says so; the Pareto front of the pruned runs."""
+    xk, before_key, scale, x_label = AXES[axis]
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    ok = [r for r in rows if r["status"] == "ok" and r.get(metric) is not None]
+    ok = [r for r in rows if r["status"] == "ok" and r.get(metric) is not None and r.get(xk) is not None]
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
     notes = []
     if ok:
-        groups = coinciding(ok, metric)
+        groups = coinciding(ok, metric, xk)
         for kind, (marker, size, face, edge, label) in _STYLE.items():
             mine = [g for g in groups if kind_of(g[0]) == kind]
             if mine:
-                ax.scatter([g[0]["flops"] / 1e6 for g in mine], [100 * g[0][metric] for g in mine], marker=marker,
+                ax.scatter([g[0][xk] / scale for g in mine], [100 * g[0][metric] for g in mine], marker=marker,
                            s=size, facecolors=face, edgecolors=edge, linewidths=1.5, zorder=3 + (kind != "pruned"),
                            label=label)
-        if not any(kind_of(r) == "unpruned" for r in ok):  # no unpruned job: still show where the model starts
-            ax.axvline(ok[0]["flops_before"] / 1e6, color="tab:red", ls=":", label="unpruned FLOPs")
+        if not any(kind_of(r) == "unpruned" for r in ok) and ok[0].get(before_key):  # where the model starts
+            ax.axvline(ok[0][before_key] / scale, color="tab:red", ls=":", label=f"unpruned {axis}")
         for i, g in enumerate(groups):  # neighbours sit close together: alternate labels above and below
-            ax.annotate(_group_label(g), (g[0]["flops"] / 1e6, 100 * g[0][metric]), textcoords="offset points",
+            ax.annotate(_group_label(g), (g[0][xk] / scale, 100 * g[0][metric]), textcoords="offset points",
                         xytext=(6, 7 if i % 2 == 0 else -13), fontsize=8)
         shared = sum(len(g) for g in groups if len(g) > 1)
         if shared:
@@ -177,8 +198,8 @@ def plot(rows: list[dict], path: str | Path, metric: str = "test_acc") -> None:
         nothing = [r for r in ok if kind_of(r) == "cut nothing"]
         if nothing:
             notes.append(f"{len(nothing)} cut nothing: a lower threshold or prune.percent cuts")
-        flops = [r["flops"] for r in ok]
-        if max(flops) > 20 * min(flops):  # deep cuts span orders of magnitude: spread them out
+        xs = [r[xk] for r in ok]
+        if max(xs) > 20 * min(xs):  # deep cuts span orders of magnitude: spread them out
             ax.set_xscale("log")
             ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
             ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
@@ -186,13 +207,14 @@ def plot(rows: list[dict], path: str | Path, metric: str = "test_acc") -> None:
         ax.margins(x=0.12, y=0.12)
         pruned = [r for r in ok if kind_of(r) == "pruned"]
         if len(pruned) > 1:
-            front = pareto_front([(r["flops"] / 1e6, 100 * r[metric]) for r in pruned])
+            front = pareto_front([(r[xk] / scale, 100 * r[metric]) for r in pruned])
             ax.step([f for f, _ in front], [a for _, a in front], where="post", color="tab:green", alpha=0.7,
                     label="Pareto front")
     failed = [r for r in rows if r["status"] != "ok"]
     name = metric.replace("_", " ")
-    title = f"{name} vs FLOPs ({len(ok)} runs" + (f", {len(failed)} failed)" if failed else ")")
-    ax.set(xlabel="FLOPs per image (M, 2×MACs)", ylabel=f"{name} (%)", title=title)
+    title = f"{name} vs {'FLOPs' if axis == 'flops' else 'measured latency'} ({len(ok)} runs" + (
+        f", {len(failed)} failed)" if failed else ")")
+    ax.set(xlabel=x_label, ylabel=f"{name} (%)", title=title)
     ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
     ax.grid(alpha=0.3)
     if ok:
@@ -226,7 +248,10 @@ def report(sweep_dir: str | Path, baseline: str | Path | None = None) -> tuple[P
     csv_path, png_path = sweep_dir / "sweep.csv", sweep_dir / "acc_vs_flops.png"
     write_csv(rows, csv_path)
     metrics = [r["metric"] for r in rows if r.get("metric")]  # each run names its task's headline metric
-    plot(rows, png_path, metric=max(set(metrics), key=metrics.count) if metrics else "test_acc")
+    metric = max(set(metrics), key=metrics.count) if metrics else "test_acc"
+    plot(rows, png_path, metric=metric)
+    if sum(r.get("latency_ms_measured") is not None for r in rows) > 1:  # beside FLOPs: what was measured
+        plot(rows, sweep_dir / "acc_vs_latency.png", metric=metric, axis="latency")
     log.info("sweep report: %s, %s (%d jobs, %d ok)", csv_path, png_path, len(rows),
              sum(r["status"] == "ok" for r in rows))
     nothing = [r for r in rows if r["status"] == "ok" and kind_of(r) == "cut nothing"]

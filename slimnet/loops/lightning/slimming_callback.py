@@ -54,6 +54,9 @@ class SlimmingCallback(Callback):
         percent: fraction of all BatchNorm channels to prune, ranked globally (Liu et al. 2017).
         target_flops: keep at most this fraction of the FLOPs (threshold searched on the sparse model);
             wins over ``percent``.
+        target_latency: keep at most this fraction of the latency measured on this machine (or predicted by
+            ``latency_table``, a table from the deployment device), channels chosen by |γ| per unit of
+            latency saved (``slimnet.engine.latency_budget``); ``latency_settings``: batch, threads, backend…
         module: dotted name of the sub-module to cut (``"backbone"``); None: the whole LightningModule.
         example_input: an input of the LightningModule (or of ``module`` if ``module_input=True``);
             default: the module's ``example_input_array``.
@@ -103,14 +106,17 @@ class SlimmingCallback(Callback):
                  module_input: bool = False, min_channels: int = 1, round_to: int = 1, fold_bias: bool = True,
                  restart_schedule: bool = False, carry_optimizer_state: bool = True, cut_frozen: bool = False,
                  evaluate=None, leaf_modules=(), save_sparse: bool = False, on_sparse_saved=None, within=None,
-                 distill: Distillation | bool | None = None):
+                 distill: Distillation | bool | None = None, target_latency: float | None = None,
+                 latency_table=None, latency_settings=None):
         distill = Distillation(where="SlimmingCallback") if distill is True else distill or None
         if distill is not None and not module:
             raise ValueError("SlimmingCallback(distill=…) needs module='<the network attribute>' (e.g. "
                              "module='model'): the teacher is a frozen copy of that network")
         self.core = Slimming(epoch, thresh, percent, target_flops, min_channels=min_channels, round_to=round_to,
                              fold_bias=fold_bias, carry_optimizer_state=carry_optimizer_state, cut_frozen=cut_frozen,
-                             leaf_modules=leaf_modules, within=within, distill=distill, where="SlimmingCallback")
+                             leaf_modules=leaf_modules, within=within, distill=distill,
+                             target_latency=target_latency, latency_table=latency_table,
+                             latency_settings=latency_settings, where="SlimmingCallback")
         self.module, self.example_input, self.module_input = module, example_input, module_input
         self.restart_schedule, self.evaluate = restart_schedule, evaluate
         self.save_sparse, self.on_sparse_saved = save_sparse or distill is not None, on_sparse_saved
@@ -366,8 +372,9 @@ class SlimmingCallback(Callback):
         r = self.report
         after = r.get("after_cut")
         after_text = f", right after the cut {after:.4f}" if isinstance(after, float) else ""
-        log.info("surgery at epoch %d (%s, |γ| threshold %.4g): FLOPs %.1fM -> %.1fM (-%.1f%%), params %.3fM -> "
-                 "%.3fM%s", trainer.current_epoch, r["policy"], r["threshold"], r["flops_before"] / 1e6,
+        threshold = f"{r['threshold']:.4g}" if isinstance(r.get("threshold"), (int, float)) else "n/a"
+        log.info("surgery at epoch %d (%s, |γ| threshold %s): FLOPs %.1fM -> %.1fM (-%.1f%%), params %.3fM -> "
+                 "%.3fM%s", trainer.current_epoch, r["policy"], threshold, r["flops_before"] / 1e6,
                  r["flops_after"] / 1e6, 100 * (1 - r["flops_after"] / r["flops_before"]),
                  r["params_before"] / 1e6, r["params_after"] / 1e6, after_text)
         metrics = {"model/flops": r["flops_after"], "model/params": r["params_after"],
