@@ -37,7 +37,6 @@ import os
 import platform
 import statistics
 import tempfile
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimnet.engine.latency_table import interleaved  # the ABBA timing loop, one for both rooms
 from slimnet.errors import first_line
 from slimnet.modes import preserved_modes
 
@@ -106,22 +106,6 @@ def _stats(seconds: list[float]) -> dict[str, float]:
     q = statistics.quantiles(ms, n=20, method="inclusive")  # 5 %, 10 %, ..., 95 %
     return {"median_ms": statistics.median(ms), "p10_ms": q[1], "p25_ms": q[4], "p75_ms": q[14],
             "p90_ms": q[17], "min_ms": ms[0], "n": len(ms)}
-
-
-def _interleaved(calls: list[Call], warmup: int, repeats: int) -> list[list[float]]:
-    """Seconds per call for each of ``calls``, timed in ABBA order after ``warmup`` calls of each."""
-    for call in calls:
-        for _ in range(warmup):
-            call()
-    times: list[list[float]] = [[] for _ in calls]
-    order = list(range(len(calls)))
-    for r in range(repeats):
-        for i in order if r % 2 == 0 else order[::-1]:
-            start = time.perf_counter()
-            calls[i]()
-            times[i].append(time.perf_counter() - start)
-    return times
-
 
 
 @contextlib.contextmanager
@@ -191,7 +175,7 @@ def _time_models(models: list[nn.Module], example_input: torch.Tensor, batch_siz
                 with torch.inference_mode():
                     for b in batch_sizes:
                         calls = [bind(inputs[b]) for bind in binders]
-                        times[(backend, b)] = _interleaved(calls, warmup, repeats)
+                        times[(backend, b)] = interleaved(calls, warmup, repeats)
             except Exception as err:
                 if backend == "eager":
                     raise  # the model itself does not run: not a backend problem
