@@ -378,7 +378,7 @@ def test_mmdet_resnet50_fpn_is_cut_exactly_across_its_boundary_frozen_stages_kep
 
 # -- config errors: one line naming the fix, before training ----------------------------------------------
 @pytest.mark.parametrize("hook, fix", [
-    ({"type": "SlimnetSlimmingHook", "epoch": 2}, "needs thresh=…, percent=… or target_flops=…"),
+    ({"type": "SlimnetSlimmingHook", "epoch": 2}, "needs thresh=…, percent=…, target_flops=…"),
     ({"type": "SlimnetSlimmingHook", "epoch": 2, "percent": 0.5, "scope": "head"},
      "choose one of: all, backbone"),
     ({"type": "SlimnetSlimmingHook", "percent": 0.5}, "needs epoch=… "),
