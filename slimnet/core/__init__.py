@@ -1,5 +1,5 @@
 """The framework-free slimming core: what a training-loop adapter (Lightning's callbacks today; mmengine's
-hooks and ultralytics' callbacks next) needs to cut a network at an epoch and keep training.
+hooks and ultralytics' callbacks) needs to cut a network at an epoch and keep training.
 
 ``Sparsity`` holds the γ penalty over a run (λ per epoch, the controller, the step hooked onto the
 loop's optimizers, γ statistics). ``Slimming`` holds when and how to cut, the fold statistics recorded before the cut, the cut itself,
