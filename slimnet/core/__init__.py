@@ -1,4 +1,4 @@
-"""The framework-free slimming core: what a training-loop adapter (Lightning's callbacks today; mmengine's
+"""The framework-free slimming core: what a training-loop adapter (Lightning's callbacks, mmengine's
 hooks and ultralytics' callbacks) needs to cut a network at an epoch and keep training.
 
 ``Sparsity`` holds the γ penalty over a run (λ per epoch, the controller, the step hooked onto the
