@@ -29,6 +29,7 @@ from mmengine.model import BaseModel
 from mmengine.optim import AmpOptimWrapper, OptimWrapper
 from mmengine.registry import DefaultScope
 from mmengine.runner import Runner
+from mmengine.runner.checkpoint import CheckpointLoader
 
 import slimnet
 from slimnet.core import Sparsity
@@ -154,9 +155,9 @@ def test_runner_cuts_at_the_epoch_resumes_exactly_and_loads_the_cut_checkpoint(t
     # epochs of 8 batches -> 8 updates read by the λ controller
     assert sparse.core.controller.step == 8
     # (mmengine's own files, written just now: read as mmengine reads them, see the module docstring)
-    checkpoint = torch.load(tmp_path / "a" / "epoch_3.pth", weights_only=False)
+    checkpoint = CheckpointLoader.load_checkpoint(str(tmp_path / "a" / "epoch_3.pth"), map_location="cpu")
     assert checkpoint_plan(checkpoint) == slim.plan
-    before_cut = torch.load(tmp_path / "a" / "epoch_2.pth", weights_only=False)
+    before_cut = CheckpointLoader.load_checkpoint(str(tmp_path / "a" / "epoch_2.pth"), map_location="cpu")
     assert checkpoint_plan(before_cut) is None
 
     x = torch.randn(5, 3, 16, 16)
@@ -199,7 +200,8 @@ def test_an_ema_copy_follows_the_cut_and_resumes(tmp_path, monkeypatch):
     torch.testing.assert_close(resumed.eval()(x), trained.eval()(x), rtol=0, atol=1e-6)
 
 
-def test_an_iteration_based_runner_cuts_at_the_iteration(tmp_path):
+def test_an_iteration_based_runner_cuts_at_the_iteration(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # mmengine's own loads (module docstring)
     runner = Runner(
         model=TinyNet(), work_dir=str(tmp_path), log_level="WARNING", experiment_name=str(tmp_path),
         train_dataloader=_loader(Shapes()),
@@ -213,7 +215,7 @@ def test_an_iteration_based_runner_cuts_at_the_iteration(tmp_path):
     assert slim.report["iter"] == 6 and sum(_widths(trained)) < sum(_widths(TinyNet()))
     sparse = next(h for h in runner.hooks if isinstance(h, SlimnetSparsityHook))
     assert [h["lam"] for h in sparse.history] == [3e-3, 3e-3, 0.0, 0.0]  # at iterations 3, 6, 9, 12
-    assert checkpoint_plan(torch.load(tmp_path / "iter_12.pth", weights_only=False)) == slim.plan
+    assert checkpoint_plan(CheckpointLoader.load_checkpoint(str(tmp_path / "iter_12.pth"), map_location="cpu")) == slim.plan
 
 
 # -- the sparsity step under mmengine's optimizer wrappers -------------------------------------------------

@@ -29,6 +29,8 @@ def build_custom_datamodule(config: dict) -> pl.LightningDataModule:
     dm = locate(target)(**{k: v for k, v in config.items() if k != "_target_"})
     if not isinstance(dm, pl.LightningDataModule):
         raise DataError(f"data._target_={target} built a {type(dm).__name__}, not a LightningDataModule")
+    if hasattr(dm, "check"):
+        dm.check()  # a module that can check its files (slimnet's own do): missing or corrupt data fails now
     return dm
 
 

@@ -488,13 +488,19 @@ def model_call(model: nn.Module, example_inputs, settings: LatencySettings) -> C
 def time_models(models: list[nn.Module], example_inputs, settings: LatencySettings, repeats: int | None = None
                 ) -> list[list[float]]:
     """Seconds per forward of each model, interleaved (ABBA), at the settings' batch, threads and backend."""
+    with model_calls(models, example_inputs, settings) as calls:
+        return interleaved(calls, max(settings.warmup, 2), repeats or settings.model_repeats, _sync(settings))
+
+
+@contextlib.contextmanager
+def model_calls(models: list[nn.Module], example_inputs, settings: LatencySettings):
+    """One timed call per model, each in eval mode (restored after) under the settings' threads."""
     with contextlib.ExitStack() as stack:
         for m in models:
             stack.enter_context(preserved_modes(m))
             m.eval()
         stack.enter_context(timing_context(settings))
-        calls = [model_call(m, example_inputs, settings) for m in models]
-        return interleaved(calls, max(settings.warmup, 2), repeats or settings.model_repeats, _sync(settings))
+        yield [model_call(m, example_inputs, settings) for m in models]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -865,12 +871,7 @@ def _calibrate(model: nn.Module, example_inputs, graph: ChannelGraph, calls: lis
     half, half_widths = _half_copy(model, graph)
     sigs = list(layers)
     models = [model] + ([half] if half is not None else [])
-    with contextlib.ExitStack() as stack:
-        for m in models:
-            stack.enter_context(preserved_modes(m))
-            m.eval()
-        stack.enter_context(timing_context(settings))
-        calls_ = [model_call(m, example_inputs, settings) for m in models]
+    with model_calls(models, example_inputs, settings) as calls_:
         try:
             for sig in sigs:
                 entry = layers[sig]

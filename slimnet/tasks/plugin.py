@@ -19,6 +19,8 @@ config file; nothing in ``run/`` changes (docs/architecture.md).
 
 from __future__ import annotations
 
+import abc
+
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
@@ -27,7 +29,7 @@ from torch import nn
 from slimnet.loops.lightning import SlimmingCallback
 
 
-class TaskPlugin:
+class TaskPlugin(abc.ABC):
     """One task of the command-line run. Subclasses set ``name`` and ``metric`` and implement the rest.
 
     Built as ``plugin = cls(cfg, prune_epoch)`` from the composed run config (``prune_epoch``: the epoch
@@ -53,33 +55,33 @@ class TaskPlugin:
         alone shows. The pipeline's shared checks (prune, sparsity, optim, trainer) run besides."""
 
     # -- building -----------------------------------------------------------------------------------
+    @abc.abstractmethod
     def build(self) -> tuple[pl.LightningDataModule, pl.LightningModule]:
         """The data module (checked: missing data fails now) and the LightningModule to fit."""
-        raise NotImplementedError
 
     # -- what to cut --------------------------------------------------------------------------------
     @property
+    @abc.abstractmethod
     def sparse_module(self) -> str:
         """Dotted name, in the LightningModule, of the network whose γ the sparsity step penalises."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def cut_net(self) -> tuple[nn.Module, tuple, str | None]:
         """``(net, inputs, within)``: the module the cut traces, its example inputs and the scope inside
         it (dotted prefix; None: all of it). The preflight traces exactly this."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def slimming_callback(self, **kwargs) -> SlimmingCallback:
         """The slimming callback for this task, with the pipeline's ``kwargs`` (policy, epoch, …)."""
-        raise NotImplementedError
 
     # -- measuring ----------------------------------------------------------------------------------
+    @abc.abstractmethod
     def measure(self) -> dict:
         """``{"flops", "params", …}`` of the part that is cut, at its current widths (one input)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def widths(self) -> dict[str, int]:
         """Output width of every layer of the part that is cut, by name."""
-        raise NotImplementedError
 
     def layers(self) -> set[str] | None:
         """The layer names the summary lists (None: all in ``widths``)."""
@@ -120,6 +122,6 @@ class TaskPlugin:
         """The call that rebuilds the unpruned network (results.json's ``model_config``)."""
         return None
 
+    @abc.abstractmethod
     def save_artifact(self, path) -> None:
         """Write the cut network as ``pruned.pt`` (``slimnet.save_pruned``: weights, plan, model config)."""
-        raise NotImplementedError

@@ -45,8 +45,6 @@ def _output_classes(model: nn.Module, example: torch.Tensor) -> int:
 def build_data(cfg: DictConfig) -> tuple[pl.LightningDataModule, DataFacts]:
     """The run's data module (``data._target_``, checked now) and what the run needs to know of it."""
     datamodule = build_custom_datamodule(OmegaConf.to_container(cfg.data, resolve=True))
-    if hasattr(datamodule, "check"):
-        datamodule.check()  # missing or corrupt data fails now, not after the first epoch
     return datamodule, describe(datamodule)
 
 

@@ -23,7 +23,6 @@ image size and compares the detections: the same number and labels per image, bo
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from pathlib import Path

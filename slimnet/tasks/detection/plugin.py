@@ -69,8 +69,6 @@ class Detection(TaskPlugin):
     def build(self):
         cfg = self.cfg
         self.datamodule = build_custom_datamodule(OmegaConf.to_container(cfg.data, resolve=True))
-        if hasattr(self.datamodule, "check"):
-            self.datamodule.check()
         config = {**OmegaConf.to_container(cfg.model, resolve=True), "num_classes": self.datamodule.num_classes}
         try:
             detector = build_model(config)
