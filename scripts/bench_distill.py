@@ -43,6 +43,10 @@ RUNS = {  # name -> overrides of a slimnet run ({budget} filled in); None: a pee
     "unpruned": ["experiment=baseline"],
     "l1": ["prune.target_flops={budget}"],
     "l1_distill": ["prune.target_flops={budget}", *DISTIL],
+    # the soft term's weight: 0.9 (Tian et al.'s default) kept the student at its teacher's level, below plain
+    # fine-tuning (docs/distillation.md), so lighter weights are rows of their own
+    "l1_distill_w0.5": ["prune.target_flops={budget}", *DISTIL, "finetune.distill_weight=0.5"],
+    "l1_distill_w0.3": ["prune.target_flops={budget}", *DISTIL, "finetune.distill_weight=0.3"],
     "pol_valley": [*POLARIZATION, "prune.thresh=auto"],
     "pol_valley_distill": [*POLARIZATION, "prune.thresh=auto", *DISTIL],
     "pol_70": [*POLARIZATION, "prune.target_flops={budget}"],
@@ -50,6 +54,13 @@ RUNS = {  # name -> overrides of a slimnet run ({budget} filled in); None: a pee
     "scratch_l1": None, "scratch_pol_valley": None,
 }
 THRESHOLDS = (0.05, 0.1, 0.2, 0.3)  # the valley-cut claim: under polarization these remove the same FLOPs
+
+
+def commit() -> str:
+    """The code a row was measured with (rows of one study can span commits: a stopped study goes on)."""
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "slimnet"], cwd=ROOT, capture_output=True, text=True)
+    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def found_cfg(run_dir: Path) -> list:
@@ -87,7 +98,8 @@ def run(name: str, seed: int, budget: float, out: Path, overrides: list[str], th
     row = {"run": name, "seed": seed, "test_acc": r["test_acc"], "val_acc_after_cut": r.get("val_acc_after_cut"),
            "flops": r["after"]["flops"], "flops_reduction": r["flops_reduction"],
            "wall_seconds": time.perf_counter() - start, "fit_seconds": r["seconds"]["fit"],
-           "sparse_reused": (r.get("sparse_phase") or {}).get("reused"), "warnings": r.get("warnings", [])}
+           "sparse_reused": (r.get("sparse_phase") or {}).get("reused"), "warnings": r.get("warnings", []),
+           "commit": commit()}
     if (run_dir / "pruned.pt").is_file() and not name.startswith("tp_"):
         row["cfg"] = found_cfg(run_dir)
     sparse = run_dir / "checkpoints" / "sparse.ckpt"
@@ -217,11 +229,12 @@ def write_report(data: dict) -> None:
         lines = lines[:2] + ["No study rows yet: python scripts/bench_distill.py --seeds 0 1 2 --jobs 2 "
                              "trainer.limit_train_batches=0.5"]
     else:
-        lines += ["", "| run | seed | test acc | FLOPs removed | val acc after cut | architecture |", "|---|---|---|---|---|---|"]
+        lines += ["", "| run | seed | test acc | FLOPs removed | val acc after cut | architecture | code |",
+                  "|---|---|---|---|---|---|---|"]
     for r in rows:
         cut = f"{100 * r['val_acc_after_cut']:.2f}%" if r.get("val_acc_after_cut") is not None else "—"
         lines.append(f"| {r['run']} | {r['seed']} | {100 * r['test_acc']:.2f}% | −{100 * r['flops_reduction']:.1f}% | "
-                     f"{cut} | {' '.join(map(str, r.get('cfg') or [])) or '—'} |")
+                     f"{cut} | {' '.join(map(str, r.get('cfg') or [])) or '—'} | {r.get('commit', '—')} |")
     plateaus = [r for r in rows if r.get("plateau")]
     if plateaus:
         lines += ["", "FLOPs removed from polarization's sparse model (no fine-tuning) by threshold:", "",
@@ -237,7 +250,8 @@ def write_report(data: dict) -> None:
     if means:
         lines += ["", "Differences of means (pp): "
                   + "; ".join(f"{a} − {b} = {100 * (means[a][0] - means[b][0]):+.2f}"
-                              for a, b in (("l1_distill", "l1"), ("pol_valley_distill", "pol_valley"),
+                              for a, b in (("l1_distill", "l1"), ("l1_distill_w0.5", "l1"), ("l1_distill_w0.3", "l1"),
+                                           ("pol_valley_distill", "pol_valley"),
                                            ("l1", "tp_mean"), ("l1_distill", "tp_mean"), ("tp_raw_distill", "tp_raw"),
                                            ("l1", "scratch_l1"), ("pol_valley", "scratch_pol_valley"))
                               if a in means and b in means)]

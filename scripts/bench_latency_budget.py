@@ -212,8 +212,11 @@ def resnet_part(cfg: dict, batch: int, cache_dir: str) -> dict:
     print(f"  slimnet latency policy: table {latency_details['table_seconds']:.1f} s, predicted "
           f"{latency_details['predicted']['fraction']:.3f}, measured "
           f"{(latency_details['measured'] or {}).get('fraction', float('nan')):.3f}", flush=True)
+    # equal latency means the latency model's own measured share (it can miss its target: a stale table, a
+    # busy core), so the FLOPs policy is bisected to that, not to the target
+    aim = (latency_details["measured"] or {}).get("fraction", tp_share)
     match_model, match_target, match_share, match_details, probes = flops_at_latency(
-        model, x, tp_share, timing, cfg["match_steps"], max(cfg["repeats"] // 2, 3))
+        model, x, aim, timing, cfg["match_steps"], max(cfg["repeats"] // 2, 3))
     print(f"  slimnet FLOPs policy at that latency: target_flops {match_target:.3f} (share {match_share:.3f})",
           flush=True)
 
@@ -240,12 +243,13 @@ def resnet_part(cfg: dict, batch: int, cache_dir: str) -> dict:
                                             **match_details)
     # the FLOPs policy's FLOPs at the latency policy's own measured share: between the probes that bracket it
     # (the timed probe is the one at or under it, slightly faster, so it understates the FLOPs policy)
+    # (None when no two probes bracket it: a nearest probe at another latency is no comparison)
     at_share = interpolated_flops(probes, rows["slimnet_latency"]["latency_share"])
-    reference = at_share if at_share is not None else rows["slimnet_flops_at_latency"]["flops_kept"]
     targets = {
         "flops_policy_vs_torch_pruning_at_equal_flops": rows["slimnet_flops"]["vs_torch_pruning"],
-        "latency_policy_flops_gain_at_equal_latency": rows["slimnet_latency"]["flops_kept"] / reference - 1,
-        "flops_policy_flops_kept_at_that_latency": reference,
+        "latency_policy_flops_gain_at_equal_latency": (rows["slimnet_latency"]["flops_kept"] / at_share - 1
+                                                       if at_share is not None else None),
+        "flops_policy_flops_kept_at_that_latency": at_share,
         "interpolated": at_share is not None,
     }
     return {"model": cfg["model"], "input": [3, cfg["size"], cfg["size"]], "batch": batch, "threads": 1,
@@ -327,10 +331,12 @@ def markdown(data: dict) -> str:
         measured = (lat.get("measured") or {}).get("fraction", float("nan"))
         lines += ["", (f"FLOPs policy / Torch-Pruning at equal FLOPs: "
                        f"{t['flops_policy_vs_torch_pruning_at_equal_flops']:.3f}× (target ≤ 1.0); "
-                       f"latency policy keeps {t['latency_policy_flops_gain_at_equal_latency']:+.1%} FLOPs "
-                       "against the FLOPs policy at equal "
-                       f"latency ({t['flops_policy_flops_kept_at_that_latency']:.3f} kept"
-                       f"{', interpolated' if t['interpolated'] else ', nearest probe'}; target ≥ +10 %); latency "
+                       + (f"latency policy keeps {t['latency_policy_flops_gain_at_equal_latency']:+.1%} FLOPs "
+                          "against the FLOPs policy at equal latency "
+                          f"({t['flops_policy_flops_kept_at_that_latency']:.3f} kept, interpolated"
+                          if t["interpolated"] else
+                          "no FLOPs-policy probes bracket the latency policy's measured share (no comparison at "
+                          "equal latency") + "; target ≥ +10 %); latency "
                        f"policy: table {lat['table_seconds']:.0f} s, predicted {lat['predicted']['fraction']:.3f}, "
                        f"measured {measured:.3f}, rounding steps {lat['rounding_steps']}."), ""]
     return "\n".join(lines)
