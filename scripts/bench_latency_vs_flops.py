@@ -1,10 +1,10 @@
 """Issue 27 on the default model: accuracy against measured latency, ``prune.target_latency`` against
 ``prune.target_flops`` at the same budgets and epochs, two seeds.
 
-    python scripts/bench_latency_sweep.py trainer.limit_train_batches=0.5     # table, runs, timing, report
-    python scripts/bench_latency_sweep.py --report                            # the markdown and picture only
+    python scripts/bench_latency_vs_flops.py trainer.limit_train_batches=0.5     # table, runs, timing, report
+    python scripts/bench_latency_vs_flops.py --report                            # the markdown and picture only
 
-Steps, each kept in docs/bench_latency_sweep.json as it ends (a stopped study goes on where it stopped with
+Steps, each kept in docs/bench_latency_vs_flops.json as it ends (a stopped study goes on where it stopped with
 the same command; other settings are refused):
 
 1. **table**: the default model's latency table (batch 1, one thread: ``prune.latency``'s defaults) is
@@ -17,7 +17,7 @@ the same command; other settings are refused):
 3. **timing**: when every run is done, alone: each cut model and the uncut architecture timed interleaved
    (ABBA, batch 1 and 16, one thread); a row's latency share is the median over rounds of its time over
    the uncut model's in the same round.
-4. **report**: docs/bench_latency_sweep.md and .png — test accuracy against measured latency share per
+4. **report**: docs/bench_latency_vs_flops.md and .png — test accuracy against measured latency share per
    policy, and, at each latency-policy point, the FLOPs policy's accuracy interpolated at the same measured
    latency on the same seed (the issue's target: the latency policy at or above the FLOPs policy at every
    latency).
@@ -40,7 +40,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's slimnet, as its runs (python -m slimnet.train, cwd=ROOT) use
-JSON, MD, PNG = (ROOT / "docs" / f"bench_latency_sweep.{ext}" for ext in ("json", "md", "png"))
+JSON, MD, PNG = (ROOT / "docs" / f"bench_latency_vs_flops.{ext}" for ext in ("json", "md", "png"))
 POLICIES = {"latency": "prune.target_latency", "flops": "prune.target_flops"}
 BATCHES = (1, 16)
 REPEATS = 40
@@ -119,7 +119,7 @@ def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
 def report(data: dict) -> str:
     rows, timing = data["rows"], data.get("timing")
     lines = ["# Accuracy against measured latency: target_latency vs target_flops (issue 27)", "",
-             "Command: `python scripts/bench_latency_sweep.py " + " ".join(data["env"]["overrides"]) + "` "
+             "Command: `python scripts/bench_latency_vs_flops.py " + " ".join(data["env"]["overrides"]) + "` "
              f"(torch {data['env']['torch']}; default model and data, seeds "
              f"{sorted({r['seed'] for r in rows})}, the same epochs for every row; latency measured after all "
              f"runs, alone, interleaved, one thread, {REPEATS} rounds).", ""]
@@ -189,7 +189,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     parser.add_argument("--jobs", type=int, default=2, help="seeds trained side by side, one thread each when > 1")
-    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_latency_sweep")
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_latency_vs_flops")
     parser.add_argument("--report", action="store_true", help="only rewrite the markdown and the picture")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides given to every run")
     args = parser.parse_args()
