@@ -58,8 +58,9 @@ THRESHOLDS = (0.05, 0.1, 0.2, 0.3)  # the valley-cut claim: under polarization t
 
 def commit() -> str:
     """The code a row was measured with (rows of one study can span commits: a stopped study goes on)."""
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "slimnet"], cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False)
+    dirty = subprocess.run(["git", "status", "--porcelain", "slimnet"], cwd=ROOT, capture_output=True, text=True,
+                           check=False)
     return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 

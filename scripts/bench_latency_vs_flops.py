@@ -26,6 +26,7 @@ the same command; other settings are refused):
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -110,7 +111,7 @@ def timing_step(rows: list[dict], out: Path) -> dict:
 def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
     """Linear interpolation of y at x over (x, y) points; None outside their range."""
     points = sorted(points)
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
         if x0 <= x <= x1:
             return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
     return None
@@ -125,8 +126,9 @@ def report(data: dict) -> str:
              f"runs, alone, interleaved, one thread, {REPEATS} rounds).", ""]
     if "table" in data:
         t = data["table"]
-        lines += [f"Latency table (batch 1, one thread): built in {t['seconds']:.1f} s; every latency run read it "
-                  f"from the cache: {sorted({r['table_source'] for r in rows if r['policy'] == 'latency'})}.", ""]
+        sources = sorted({r["table_source"] for r in rows if r["policy"] == "latency"})
+        lines += [(f"Latency table (batch 1, one thread): built in {t['seconds']:.1f} s; the latency runs' table "
+                   f"source: {sources}."), ""]
     if not timing or len(timing["b1"]["shares"]) != len(rows):
         lines += ["Timing not done yet: rows so far", ""] + [
             f"- {r['policy']} {r['budget']:g} seed {r['seed']}: {100 * r['test_acc']:.2f}%, FLOPs "
@@ -141,8 +143,8 @@ def report(data: dict) -> str:
             pred = f"{r['predicted_share']:.3f}" if r.get("predicted_share") is not None else "—"
             lines.append(f"| {r['policy']} | {r['budget']:g} | {r['seed']} | {100 * r['test_acc']:.2f}% | "
                          f"{r['flops'] / r['flops_before']:.3f} | {pred} | {ms:.3f} ms ({share:.3f}) |")
-        lines += ["", "At each latency-policy point, the FLOPs policy's accuracy at the same measured latency "
-                  "(interpolated on the same seed):", ""]
+        lines += ["", ("At each latency-policy point, the FLOPs policy's accuracy at the same measured latency "
+                       "(interpolated on the same seed):"), ""]
         for r, share in zip(rows, t["shares"]):
             if r["policy"] != "latency":
                 continue

@@ -106,13 +106,16 @@ def _empty_stretch(v: torch.Tensor) -> int | None:
     return int(torch.where(ok, gaps, torch.zeros_like(gaps)).argmax()) + 1
 
 
+def _gauss(d: torch.Tensor) -> torch.Tensor:
+    return torch.exp(-0.5 * (d / BANDWIDTH) ** 2)
+
+
 def _density_dip(v: torch.Tensor) -> float | None:
     """The threshold at the first dip of sorted ``v``'s smoothed density that is a valley, or None."""
     scale = float(v[-1])
     u = v / scale
     x = torch.linspace(0, 1, GRID, dtype=v.dtype)
-    kernel = lambda d: torch.exp(-0.5 * (d / BANDWIDTH) ** 2)  # noqa: E731
-    density = (kernel(x[:, None] - u) + kernel(x[:, None] + u)).sum(1)  # reflected at 0: a pile there is whole
+    density = (_gauss(x[:, None] - u) + _gauss(x[:, None] + u)).sum(1)  # reflected at 0: a pile there is whole
     density = density / (density.mean() + 1e-300)  # in units of the layer's mean density on [0, 1]
     near_zero = int(2 * BANDWIDTH * (GRID - 1)) + 1  # the pile at zero: its peak within two kernel widths
     below = torch.searchsorted(u, x)  # channels under each grid point
