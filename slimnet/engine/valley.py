@@ -6,30 +6,30 @@ them, so the threshold stops mattering. A global threshold or FLOPs target can l
 cluster and throw that advantage away; a per-layer valley cannot.
 
 How a valley is found here, per BatchNorm layer (the reference walks a 100-bin histogram on [0, 1] to
-its first local minimum, which on a few dozen channels often stops inside the low cluster). Two tests,
-either of which finds one:
+its first local minimum, which on a few dozen channels often stops inside the low cluster), the first
+of three tests that finds something:
 
+* **A dip in the density.** A trained polarized layer rarely leaves its valley empty: a pile sits at
+  exactly 0 (polarization clamps γ there) and a few stragglers are still on their way down through it.
+  So |γ| (scaled by the layer's largest) is smoothed with a Gaussian kernel (reflected at 0), and the
+  first local minimum from zero is a valley when the density there is at most DIP of both the pile at
+  zero and the mean density of the channels above it (not their highest ripple), the pile at zero is the
+  densest point below it and SPIKE times the layer's mean density (a cluster *at zero*, not a ripple in
+  one spread), at least MIN_LOW channels lie below it and a tenth of the layer above it (a few outliers
+  above a long tail are not a cluster). The threshold is that minimum.
 * **An empty stretch.** Every gap between neighbouring sorted |γ| is a candidate, and one is a valley
   when it separates a cluster at zero from the rest: it is much wider than that cluster reaches from
   zero, than the layer's typical spacing and than a tenth of its largest |γ| (the constants below). The
   widest such gap wins and the threshold is its middle.
-* **A dip in the density.** A trained polarized layer rarely leaves the stretch empty: a pile sits at
-  exactly 0 (polarization clamps γ there) and a few stragglers are still on their way down through the
-  valley. So |γ| (scaled by the layer's largest) is smoothed with a Gaussian kernel (reflected at 0), and
-  the first local minimum from zero is a valley when the density there is at most DIP of both the pile
-  at zero and the mean density of the channels above it (not their highest ripple), the pile at zero is the densest point below it and
-  SPIKE times the layer's mean density (a cluster *at zero*, not a ripple in one spread), at least
-  MIN_LOW channels lie below it and a tenth of the layer above it (a few outliers above a long tail
-  are not a cluster). The threshold is that minimum.
+* **Channels at exactly γ = 0.** A single pile (L1's usual result, or a fresh model's γ = 1) has neither
+  of the above: split anywhere it reaches past the split's width, and its density falls from zero without
+  a dip. If it holds channels at exactly 0 (both penalties' proximal steps and polarization's clamp put
+  them there), those and only those are cut: their output is the constant act(β), which the surgery
+  folds into the next layer's bias, so removing them changes nothing (but at a zero-padded conv's
+  border: engine/fold.py). On polarized default models (docs/distillation.md) 6 of 12 layers had a dip
+  and the other 6 only their zeros.
 
-A single pile (L1's usual result, or a fresh model's γ = 1) has neither: split anywhere it reaches past
-the split's width, and its density falls from zero without a dip. If such a layer holds channels at
-exactly γ = 0 (both penalties' proximal steps and polarization's clamp put them there), those and only
-those are cut: their output is the constant act(β), which the surgery folds into the next layer's bias,
-so removing them changes nothing (but at a zero-padded conv's border: engine/fold.py). Measured on polarized default models (docs/bench_distill.md), 9 of 12
-layers had a valley by these tests and the rest a run of zeros.
-
-A layer without a valley is kept whole and named: the cut says what it found and did, never silently.
+A layer with none of these is kept whole and named: the cut says what it found and did, never silently.
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ MIN_GAP = 0.1
 MIN_LOW = 2
 # The density test (module docstring): kernel width BANDWIDTH of the largest |γ| (the reference's bins
 # are 0.01 on γ in [0, 1]; a few dozen channels need a wider kernel to not see ripples); a dip at most DIP
-# of the pile at zero and of the upper cluster's mean density; the pile at zero at least SPIKE times the mean density. Tuned like the
-# gap test (tests/test_valley.py) and on trained polarized layers (docs/bench_distill.md).
+# of the pile at zero and of the upper cluster's mean density; the pile at zero at least SPIKE times the
+# mean density. Tuned like the gap test (tests/test_valley.py) and on trained polarized layers.
 BANDWIDTH = 0.08
 DIP = 0.35
 SPIKE = 2.0
@@ -119,12 +119,14 @@ def _density_dip(v: torch.Tensor) -> float | None:
     density = density / (density.mean() + 1e-300)  # in units of the layer's mean density on [0, 1]
     near_zero = int(2 * BANDWIDTH * (GRID - 1)) + 1  # the pile at zero: its peak within two kernel widths
     below = torch.searchsorted(u, x)  # channels under each grid point
+    pile, peak_below = density[:near_zero].max(), density.cummax(0).values  # peak_below[i - 1]: max of [0, i)
+    if pile < SPIKE:  # no cluster at zero: no dip can be a valley
+        return None
     for i in range(near_zero, GRID - 1):
         if not (density[i] <= density[i - 1] and density[i] <= density[i + 1]):
             continue
-        pile, low_peak = density[:near_zero].max(), density[:i].max()
         upper = (len(v) - int(below[i])) / len(v) / max(1 - float(x[i]), 1e-9)  # the upper cluster's mean density
-        if (pile >= low_peak and pile >= SPIKE and density[i] <= DIP * min(pile, upper)
+        if (pile >= peak_below[i - 1] and density[i] <= DIP * min(pile, upper)
                 and MIN_LOW <= int(below[i]) <= len(v) - max(MIN_LOW, MIN_HIGH_SHARE * len(v))):
             return float(x[i]) * scale
     return None
