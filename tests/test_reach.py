@@ -454,3 +454,67 @@ def test_report_flops_match_flop_counter_and_fold_needs_one_forward():
     model.register_forward_pre_hook(lambda m, a: calls.append(1))
     slimnet.prune(model, X, percent=0.3)
     assert calls == [1]  # folding reads its constants from one real forward
+
+
+class _ShapeReader(nn.Module):
+    """Ultralytics' Attention in miniature: ``v`` is viewed as heads with sizes from attributes (a count
+    the graph cannot follow, so ``v`` stays whole), and viewed back with ``C`` read from the *input's*
+    shape at run time. The trace cannot tie that ``C`` to the input's channels (``torch.export`` even writes
+    it into the graph as a number), so only running the cut model shows it."""
+
+    def __init__(self, c: int, heads: int = 2, branch: bool = False):
+        super().__init__()
+        self.heads, self.dim, self.branch = heads, c // heads, branch
+        self.v = nn.Conv2d(c, c, 1, bias=False)
+        self.proj = _cb(c, c)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        if self.branch and H % 2:  # control flow on a shape: fx cannot trace it, torch.export can
+            x = x[:, :, :-1]
+        v = self.v(x).view(B, self.heads, self.dim, H * W)
+        attn = (v.transpose(-2, -1) @ v).softmax(-1)
+        return x + self.proj((v @ attn).view(B, C, H, W))
+
+
+class _WithShapeReader(nn.Module):
+    def __init__(self, branch: bool):
+        super().__init__()
+        self.stem, self.attn, self.body = _cb(3, 16, 3), _ShapeReader(16, branch=branch), _cb(16, 16)
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.body(self.attn(self.stem(x))))
+
+
+@pytest.mark.parametrize("branch", [False, True], ids=["fx", "export"])
+def test_a_module_reading_channels_from_a_shape_is_kept_whole_and_the_rest_cut_exactly(branch):
+    model = _WithShapeReader(branch).eval()
+    _kill_weak(model, 0.4)
+    ref = model(X)
+    with pytest.warns(UserWarning, match=r"'attn' \(_ShapeReader\) reads a channel count the trace does not show"):
+        report = slimnet.prune(model, X, thresh=0.2)
+    assert model.stem[0].out_channels == 16 and model.attn.proj[0].out_channels == 16  # the attention's input
+    assert model.body[0].out_channels < 16 and report["flops_after"] < report["flops_before"]  # the rest is cut
+    torch.testing.assert_close(model(X), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_a_cut_model_that_fails_in_the_models_own_forward_is_put_back_with_one_line():
+    class RootReads(nn.Module):  # _ShapeReader's trick in the root's own forward: nothing narrower to keep whole
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = _cb(3, 8), nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1)
+            self.head = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            heads = self.b(x).view(x.shape[0], 2, 4, -1)
+            return self.head(y + self.c(heads.view(x.shape[0], y.shape[1], *x.shape[2:])))
+
+    model = RootReads().eval()
+    _kill_weak(model, 0.4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"^prune: the cut model does not run \(.*left as it was") as caught:
+        slimnet.prune(model, X, thresh=0.2)
+    assert "\n" not in str(caught.value)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and model.a[0].out_channels == 8

@@ -116,3 +116,35 @@ def test_smp_fpn_with_a_shape_check_is_captured_and_cut_exactly():
     assert report["params_after"] < report["params_before"]
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("yaml", ["yolo11n.yaml", "yolo26n.yaml"])
+def test_yolo11_and_yolo26_are_cut_around_their_attention_and_predictions_kept(yaml):
+    """Their attention views ``v`` back with ``C`` from the input's shape, which ``torch.export`` writes
+    into the graph as a number: the cut keeps that block's channels whole (it finds it by running the
+    cut model) instead of failing, and YOLO26's one-to-one head (it reads ``x.detach()``) is cut too."""
+    pytest.importorskip("ultralytics", reason="ultralytics is a test-only extra: pip install slimnet[thirdparty]")
+    from ultralytics.nn.tasks import DetectionModel
+
+    model = DetectionModel(yaml, verbose=False).eval()
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    _kill_weak(model)
+    with torch.no_grad():
+        ref = _leaves(model(x))
+    head_in = model.model[-1].cv2[0][0].conv.in_channels
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = slimnet.prune(model, x, thresh=0.1, fold_bias=False)
+    said = [str(w.message) for w in caught]
+    assert any("'model.10.m.0.attn' (Attention) reads a channel count the trace does not show" in m for m in said)
+    assert not any("detach" in m for m in said)
+    assert report["flops_after"] < 0.8 * report["flops_before"]
+    assert model.model[-1].cv2[0][0].conv.in_channels < head_in
+    if hasattr(model.model[-1], "one2one_cv2"):
+        assert model.model[-1].one2one_cv2[0][0].conv.in_channels == model.model[-1].cv2[0][0].conv.in_channels
+    with torch.no_grad():
+        out = _leaves(model(x))
+    same = [(y, y_ref) for y, y_ref in zip(out, ref, strict=True) if y.shape == y_ref.shape]
+    assert out[0].shape == ref[0].shape and len(same) >= 3  # the predictions; the neck's features are narrower
+    for y, y_ref in same:
+        torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)

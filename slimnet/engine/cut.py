@@ -42,7 +42,7 @@ from slimnet.engine.report import PruneReport
 from slimnet.engine.surgery import apply_plan, check_plan, transaction
 from slimnet.engine.valley import Valley, valley_note, valley_scores
 from slimnet.errors import NothingCutError, first_line
-from slimnet.graph import NORM_TYPES, ChannelGraph, trace_channel_groups
+from slimnet.graph import NORM_TYPES, OPS, ChannelGraph, trace_channel_groups
 from slimnet.modes import preserved_modes
 
 
@@ -266,20 +266,50 @@ def nothing_cut_message(graph: ChannelGraph, model: nn.Module, threshold: float 
             "sparse phase pushes more γ to zero)")
 
 
+class _CutModelFails(Exception):
+    """The cut model's forward raised: ``module`` is the innermost of the model's modules whose forward
+    was running ("" for the model's own forward)."""
+
+    def __init__(self, module: str, err: BaseException):
+        super().__init__(first_line(err))
+        self.module = module
+
+
 @torch.no_grad()
-def _runs_after_rewriting(model: nn.Module, inputs, plan) -> None:
-    """The plan rewrote size attributes (split sizes, slice bounds) on the evidence that each equals the
-    size the forward uses; run the cut model once to be sure. If it fails, the cut is rolled back (the
-    caller's transaction) and the error names the attributes, instead of a model that breaks later."""
+def _runs_after_cut(model: nn.Module, inputs) -> None:
+    """Run the cut model once, when the graph cannot vouch for it alone: around an op it does not model,
+    a forward may read a channel count from a tensor's shape at run time (ultralytics' attention:
+    ``.view(B, C, H, W)`` with ``C`` from ``x.shape``, which ``torch.export`` writes into the graph as a
+    number), and a size attribute the plan rewrote is only known to equal a split size. If the forward fails, the caller's
+    transaction puts the model back and the failing module is named."""
     inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
     try:
         with preserved_modes(model):
             model.eval()(*inputs)
-    except Exception as err:  # noqa: BLE001 - any failure means the rewrite was wrong
-        names = ", ".join(f"{m}.{a}" for m, values in plan.attrs.items() for a in values)
-        raise RuntimeError(f"prune: the cut model does not run after rewriting {names} ({first_line(err)}): the "
-                           "forward does not use those attributes as its sizes; the model is left as it was. "
-                           "Hint: register the op in slimnet.graph.OPS, or pass the module in leaf_modules") from None
+    except Exception as err:  # noqa: BLE001 - any failure means the cut broke the forward
+        raise _CutModelFails(_innermost_module(model, err), err) from err
+
+
+def _innermost_module(model: nn.Module, err: BaseException) -> str:
+    """The qualified name of the innermost of ``model``'s modules whose ``forward`` is on the traceback."""
+    names = {id(m): name for name, m in model.named_modules()}
+    found, tb = "", err.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self") if tb.tb_frame.f_code.co_name == "forward" else None
+        if owner is not None and id(owner) in names:
+            found = names[id(owner)]
+        tb = tb.tb_next
+    return found
+
+
+def _cut_failed_message(err: _CutModelFails, plan, kept_whole: dict[str, str]) -> str:
+    where = f" in '{err.module}'" if err.module else ""
+    attrs = ", ".join(f"{m}.{a}" for m, values in plan.attrs.items() for a in values)
+    rewritten = f"; it rewrote {attrs}" if attrs else ""
+    tried = f" (after keeping {', '.join(kept_whole)} whole)" if kept_whole else ""
+    return (f"prune: the cut model does not run{where} ({err}){rewritten}{tried}: the forward uses a channel count "
+            "the trace does not show; the model is left as it was. Hint: pass that module's class in "
+            "leaf_modules, or register its op in slimnet.graph.OPS")
 
 
 @torch.no_grad()
@@ -318,10 +348,20 @@ def run_surgery(
     """
     clock = _Clock()
     before = ParamSnapshot(model)  # lets carry_optimizer_state slice an optimizer's state afterwards
-    with preserved_modes(model):
-        graph = trace_channel_groups(model, example_inputs, leaf_modules)
+    said: set[str] = set()
+    kept_whole: dict[str, str] = {}  # modules found to read channel counts the trace cannot see
+
+    def trace() -> ChannelGraph:
+        with preserved_modes(model):
+            graph = trace_channel_groups(model, example_inputs, leaf_modules, kept_whole)
         for message in graph.warnings:
-            warnings.warn(f"{caller}: {message}", stacklevel=3)
+            key = message.split(" (+")[0]  # a retry traces again: say each thing once, more reasons or not
+            if key not in said:
+                said.add(key)
+                warnings.warn(f"{caller}: {message}", stacklevel=4)
+        return graph
+
+    graph = trace()
     clock.lap("trace")
     # Output positions per conv/linear give the FLOPs before and after the cut from weight shapes alone:
     # the traced (train-mode) graph's when no module reads `training`, else an eval-mode trace's.
@@ -337,22 +377,21 @@ def run_surgery(
     flops_before, params_before = _flops(model, example_inputs, uses), count_params(model)
     widths_before = layer_widths(model)
     clock.lap("measure")
-    with preserved_modes(model):
-        decision = choose(graph, stats)
-        plan = decision.plan
-        clock.lap("plan")
-        folded = []
-        check_plan(model, plan)  # all or nothing: before folding changes a bias
-        touched = [*plan.keep, *plan.attrs, *(graph.norm_after[n] for n in plan.keep if n in graph.norm_after)]
-        with transaction(model, touched):
-            if fold_bias and plan:
-                result = fold_removed_inputs(model, graph, plan, stats)
-                plan.add_bias, folded = result.new_bias, result.folded
-            clock.lap("fold")
-            apply_plan(model, plan, checked=True)
-            if plan.attrs:
-                _runs_after_rewriting(model, example_inputs, plan)
-        clock.lap("cut")
+    while True:
+        try:
+            decision, folded = _cut(model, graph, stats, choose, fold_bias, example_inputs, clock)
+            break
+        except _CutModelFails as err:
+            # Keeping a module whole helps when its own forward reads the count; a layer the graph models
+            # (a conv given the wrong width) only shows that the fault lies before it, and the model's own
+            # forward leaves nothing narrower to keep whole.
+            if (not err.module or err.module in kept_whole
+                    or OPS.module(model.get_submodule(err.module)) is not None):
+                raise RuntimeError(_cut_failed_message(err, err.plan, kept_whole)) from None
+            kept_whole[err.module] = (f"'{err.module}' ({type(model.get_submodule(err.module)).__name__}) reads a "
+                                      f"channel count the trace does not show: its forward failed after a cut ({err})")
+            graph = trace()  # the same policy on a graph that leaves that module's channels whole
+    plan = decision.plan
     previous = current_plan(model)
     model.slimnet_plan = previous.then(plan) if previous is not None else plan
     flops_after, params_after = _flops(model, example_inputs, uses), count_params(model)
@@ -377,6 +416,33 @@ def run_surgery(
         pass_plan=plan,
         before=before,
     )
+
+
+def _cut(model, graph: ChannelGraph, stats: InputStats, choose, fold_bias: bool, example_inputs, clock):
+    """Plan on ``graph``, fold, cut, and run the cut model once, all or nothing: on any failure the model
+    is put back as it was (the transaction) and the error goes on (:class:`_CutModelFails` if the cut model
+    did not run). Returns the decision and the folded layers."""
+    with preserved_modes(model):
+        decision = choose(graph, stats)
+        plan = decision.plan
+        clock.lap("plan")
+        folded = []
+        check_plan(model, plan)  # all or nothing: before folding changes a bias
+        touched = [*plan.keep, *plan.attrs, *(graph.norm_after[n] for n in plan.keep if n in graph.norm_after)]
+        try:
+            with transaction(model, touched):
+                if fold_bias and plan:
+                    result = fold_removed_inputs(model, graph, plan, stats)
+                    plan.add_bias, folded = result.new_bias, result.folded
+                clock.lap("fold")
+                apply_plan(model, plan, checked=True)
+                if plan and (plan.attrs or graph.unknown_ops):  # a graph of known ops only vouches for itself
+                    _runs_after_cut(model, example_inputs)
+        except _CutModelFails as err:
+            err.plan = plan
+            raise
+        clock.lap("cut")
+    return decision, folded
 
 
 class _Clock:

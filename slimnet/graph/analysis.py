@@ -25,8 +25,10 @@ from slimnet.modes import preserved_modes
 class _Analysis:
     """Walks an fx graph once, in topological order, assigning a channel layout to every tensor."""
 
-    def __init__(self, model: nn.Module, graph: fx.Graph, shapes: dict[str, torch.Size | None]):
+    def __init__(self, model: nn.Module, graph: fx.Graph, shapes: dict[str, torch.Size | None],
+                 keep_whole: dict[str, str] | None = None):
         self.graph = graph
+        self.keep_whole = keep_whole or {}  # module path -> why every tensor it reads or writes is left whole
         self.shape_only_keys = shape_only_output_keys(model)
         self.modules = dict(model.named_modules())
         self.shapes = shapes
@@ -192,6 +194,23 @@ class _Analysis:
                 self.layout[node] = self.call_function(node)
             elif node.op == "output":
                 self.output(node)
+        if self.keep_whole:
+            self.freeze_kept_whole()
+
+    def freeze_kept_whole(self) -> None:
+        """Every node run by a module kept whole: what it reads and what it writes keep every channel, so
+        the module's inputs and outputs do too (its ops may read channel counts the graph cannot see).
+        After the walk, so that a group already left whole for another reason is still named by that one."""
+        for node in self.graph.nodes:
+            if node.op not in ("call_module", "call_function", "call_method"):
+                continue
+            stack = [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
+            if node.op == "call_module":
+                stack.append(node.target)
+            for path, reason in self.keep_whole.items():
+                if any(p == path or p.startswith(path + ".") for p in stack):
+                    self.freeze([self.layout.get(a) for a in node.all_input_nodes] + [self.layout.get(node)], reason)
+                    break
 
     def output(self, node) -> None:
         """The model's outputs keep their channels, except those read only for their shape
@@ -359,7 +378,7 @@ class _Analysis:
                                             for piece in pieces])
                       for module, attr, kind, pieces in self.size_attrs]
         return ChannelGraph(groups=groups, axes=axes, warnings=warnings, norm_after=norm_after, ties=ties,
-                            flops=dict(self.flops), size_attrs=size_attrs,
+                            flops=dict(self.flops), size_attrs=size_attrs, unknown_ops=sorted(self.unknowns),
                             uses=dict(self.uses) if self.uses is not None else None)
 
     def _tied_groups(self, roots: dict[int, ChannelGroup], groups: list[ChannelGroup]) -> list:
@@ -390,13 +409,16 @@ class _Analysis:
         return [tie for tie in ties if not any(groups[g].frozen_by for g, _ in tie)]
 
 
-def trace_channel_groups(model: nn.Module, example_inputs, leaf_modules=()) -> ChannelGraph:
+def trace_channel_groups(model: nn.Module, example_inputs, leaf_modules=(),
+                         keep_whole: dict[str, str] | None = None) -> ChannelGraph:
     """Trace ``model`` (``torch.fx``, else ``torch.export``) and return its channel groups.
 
     Args:
         model: any ``nn.Module`` whose forward ``torch.fx`` or ``torch.export`` can capture.
         example_inputs: a tensor or tuple of tensors the model accepts (shapes matter, values do not).
         leaf_modules: module classes to keep as black boxes (their channels are left whole).
+        keep_whole: module paths whose inputs, outputs and inner channels are left whole, each with the
+            reason the warnings give (works on both capture paths; ``leaf_modules`` only on fx's).
 
     Raises:
         TraceError: neither way can capture the forward; the message names both causes and what to do.
@@ -404,6 +426,6 @@ def trace_channel_groups(model: nn.Module, example_inputs, leaf_modules=()) -> C
     with preserved_modes(model):
         model.train()  # the train-mode graph includes auxiliary heads that also consume channels
         graph, shapes = _capture(model, tuple(leaf_modules), as_batch_of_two(example_inputs))
-    analysis = _Analysis(model, graph, shapes)
+    analysis = _Analysis(model, graph, shapes, keep_whole)
     analysis.run()
     return analysis.result()

@@ -82,6 +82,9 @@ class ChannelGraph:
     uses: dict[str, int] | None = None
     # split sizes a cut rewrites: (module, attribute, "list" | "int", group ids of each part); see `split`
     size_attrs: list[tuple[str, str, str, list[list[int]]]] = field(default_factory=list)
+    # kinds of op the analysis does not model: their sizes may come from a tensor's shape at run time
+    # (``x.view(B, C, H, W)`` with ``C`` from another tensor), which the graph cannot tie to a group
+    unknown_ops: list[str] = field(default_factory=list)
 
     def group_of(self, module: str, kind: str = "out") -> ChannelGroup:
         """The group a module's axis belongs to (its first segment's group)."""
