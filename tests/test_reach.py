@@ -518,3 +518,54 @@ def test_a_cut_model_that_fails_in_the_models_own_forward_is_put_back_with_one_l
         slimnet.prune(model, X, thresh=0.2)
     assert "\n" not in str(caught.value)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and model.a[0].out_channels == 8
+
+
+# --------------------------------------------------------------------------- transposed convs
+
+
+class _Decoder(nn.Module):
+    """A decoder's up-sampling step (YOLO-seg's proto, a UNet's): a transposed conv between two BN groups."""
+
+    def __init__(self, groups: int = 1, branch: bool = False):
+        super().__init__()
+        self.branch = branch
+        self.stem = _cb(3, 8, 3)
+        self.up = nn.Sequential(nn.ConvTranspose2d(8, 6, 2, stride=2, groups=groups, bias=False), nn.BatchNorm2d(6),
+                                nn.SiLU())
+        self.up2 = nn.ConvTranspose2d(6, 4, 3, stride=2, padding=1, output_padding=1)  # with a bias, overlapping taps
+        self.head = _cb(4, 5)
+
+    def forward(self, x):
+        if self.branch and x.shape[2] % 2:  # control flow on a shape: captured by torch.export
+            x = x[:, :, :-1]
+        return self.head(self.up2(self.up(self.stem(x))))
+
+
+@pytest.mark.parametrize("branch", [False, True], ids=["fx", "export"])
+def test_a_transposed_conv_is_cut_on_both_axes_exactly_with_flops_and_replay(branch):
+    model = _Decoder(branch=branch).eval()
+    _kill_weak(model, 0.4)
+    ref = model(X)
+    report = slimnet.prune(model, X, thresh=0.2)
+    up, up2 = model.up[0], model.up2
+    assert up.in_channels == model.stem[0].out_channels < 8 and up.weight.shape[0] == up.in_channels
+    assert up.out_channels == model.up[1].num_features < 6 and up.weight.shape[1] == up.out_channels
+    assert up2.in_channels == up.out_channels and up2.weight.shape[0] == up2.in_channels
+    torch.testing.assert_close(model(X), ref, rtol=1e-4, atol=1e-4)  # zero channels out: outputs unchanged
+    # a transposed conv spends one MAC per weight per *input* position; the report counts as flop_counter does
+    assert report["flops_before"] == slimnet.count_flops(_Decoder(branch=branch), X)[0]
+    assert report["flops_after"] == slimnet.count_flops(model, X)[0]
+    fresh = _Decoder(branch=branch).eval()
+    slimnet.engine.surgery.replay_plan(fresh, slimnet.PrunePlan.from_json(report["plan"].to_json()))
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(fresh(X), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_a_grouped_transposed_conv_keeps_its_channels_and_says_so():
+    model = _Decoder(groups=2).eval()
+    _kill_weak(model, 0.4)
+    ref = model(X)
+    with pytest.warns(UserWarning, match=r"grouped ConvTranspose2d \('up.0'\)"):
+        slimnet.prune(model, X, thresh=0.2)
+    assert model.up[0].in_channels == 8 and model.up[0].out_channels == 6  # both of its groups whole
+    torch.testing.assert_close(model(X), ref)

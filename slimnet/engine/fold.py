@@ -36,7 +36,14 @@ from slimnet.graph import NORM_TYPES, ChannelGraph
 
 
 def _consumer(module: nn.Module) -> bool:
+    """A layer whose removed inputs' constants fold into its bias: what a transposed conv makes of a
+    constant input varies with the output position (its taps overlap by stride), so it takes none."""
     return isinstance(module, nn.Linear) or (isinstance(module, _ConvNd) and not module.transposed)
+
+
+def _reader(module: nn.Module) -> bool:
+    """A layer whose input statistics are recorded (a transposed conv's too: zero inputs cut exactly)."""
+    return isinstance(module, (nn.Linear, _ConvNd))
 
 
 @dataclass
@@ -97,7 +104,7 @@ class InputStats:
         handles = []
         if enabled:
             for name, m in self.model.named_modules():
-                if _consumer(m):
+                if _reader(m):
                     handles.append(m.register_forward_pre_hook(self._hook(name)))
         try:
             yield self
@@ -140,7 +147,7 @@ def exactly_removable(module: nn.Module, stats: FeatureStats, fold: bool) -> tor
     a conv without zero padding.
     """
     zero = stats.constant & (stats.low == 0)
-    if not fold:
+    if not fold or not _consumer(module):
         return zero
     if isinstance(module, _ConvNd) and _zero_padded(module):
         return zero

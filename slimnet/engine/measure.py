@@ -77,8 +77,10 @@ def weight_uses(model: nn.Module, example_inputs) -> dict[str, int] | None:
             return None
         if node.op != "call_module":
             continue
-        m, shape = modules[node.target], shapes.get(node.name)
-        if isinstance(m, nn.Linear) or (isinstance(m, nn.modules.conv._ConvNd) and not m.transposed):
+        m = modules[node.target]
+        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+            transposed = isinstance(m, nn.modules.conv._ConvNd) and m.transposed  # one MAC per weight per input
+            shape = shapes.get(node.args[0].name if transposed else node.name)
             if not isinstance(shape, torch.Size):
                 return None
             # conv: (N, C, *space) -> prod(space); linear: (N, *, F) -> prod(*)
@@ -103,13 +105,15 @@ def weight_uses_from_forward(model: nn.Module, inputs, hooks=None) -> dict[str, 
 
     def count(name):
         def hook(m, args, out):
+            if getattr(m, "transposed", False):  # one MAC per weight per input position
+                out = args[0] if args else None
             if isinstance(out, torch.Tensor) and out.dim() >= 2:  # positions = outputs / (channels x batch)
                 channels = out.shape[-1] if isinstance(m, nn.Linear) else out.shape[1]
                 uses[name] = uses.get(name, 0) + out.numel() // (channels * batch)
         return hook
 
     handles = [m.register_forward_hook(count(name)) for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) or (isinstance(m, nn.modules.conv._ConvNd) and not m.transposed)]
+               if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
     try:
         with preserved_modes(model), (hooks if hooks is not None else contextlib.nullcontext()):
             model.eval()
@@ -125,7 +129,8 @@ def weight_uses_from_forward(model: nn.Module, inputs, hooks=None) -> dict[str, 
 
 
 def flops_from_uses(model: nn.Module, uses: dict[str, int]) -> int:
-    """FLOPs (2 x MACs) of one sample: each conv / linear spends one MAC per weight per output position."""
+    """FLOPs (2 x MACs) of one sample: each conv / linear spends one MAC per weight per output position
+    (a transposed conv: per input position)."""
     modules = dict(model.named_modules())
     return sum(2 * modules[name].weight.numel() * n for name, n in uses.items())
 

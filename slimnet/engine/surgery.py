@@ -69,6 +69,16 @@ def _per_block(index: torch.Tensor, size: int, groups: int, what: str) -> torch.
 
 
 def _cut_conv(m: _ConvNd, kind: str, index: torch.Tensor) -> None:
+    if m.transposed:  # weight (in, out / groups, *kernel); the graph cuts only groups=1 ones
+        if m.groups != 1 or kind not in ("out", "in"):
+            raise ValueError(f"cannot cut axis {kind!r} of a transposed conv with groups={m.groups}")
+        _slice_param(m, "weight", index, 1 if kind == "out" else 0)
+        if kind == "out":
+            _slice_param(m, "bias", index, 0)
+            m.out_channels = len(index)
+        else:
+            m.in_channels = len(index)
+        return
     if kind == "out":
         if m.groups > 1:
             _per_block(index, m.out_channels, m.groups, "outputs")  # validation only: rows stay in order

@@ -231,19 +231,27 @@ class _Analysis:
         if x is None:
             what = f"{type(m).__name__} on an input without channels"
             return self.unknown(node, f"{type(m).__name__} ('{name}') on an input without channels", what)
-        if isinstance(m, (_ConvNd, nn.Linear)) and (out_shape := self.shape(node)) is not None:
-            # 2 x MACs per sample: each output feature reads (inputs / groups) x kernel weights
-            fan_in = m.weight[0].numel()
-            self.flops[name] += 2 * fan_in * math.prod(out_shape) // max(int(out_shape[0]), 1)
-            channels = out_shape[-1] if isinstance(m, nn.Linear) else out_shape[1]
+        if isinstance(m, (_ConvNd, nn.Linear)) and (positions := self.weight_positions(node, m)) is not None:
+            # 2 x MACs per sample: one MAC per weight per position (see `weight_positions`)
+            self.flops[name] += 2 * m.weight.numel() * positions
             if self.uses is not None:
-                self.uses[name] += math.prod(out_shape) // max(int(out_shape[0]) * int(channels), 1)
+                self.uses[name] += positions
         elif isinstance(m, (_ConvNd, nn.Linear)) or (
                 not isinstance(m, NORM_TYPES) and any(True for _ in m.parameters(recurse=False))):
-            self.uses = None  # an unknown shape, a transposed conv, or a black box with weights
+            self.uses = None  # an unknown shape, or a black box with weights
         if handler is None:
             return self.unknown(node, f"{type(m).__name__} ('{name}')", type(m).__name__)
         return handler(self, node)
+
+    def weight_positions(self, node, m: nn.Module) -> int | None:
+        """Positions per sample at which every weight of ``m`` is used once: a conv's output positions
+        (a linear's: all but the batch and feature dims), a transposed conv's *input* positions."""
+        transposed = isinstance(m, _ConvNd) and m.transposed
+        shape = self.shape(node.args[0] if transposed else node)
+        if shape is None or len(shape) < 2:
+            return None
+        channels = shape[-1] if isinstance(m, nn.Linear) else shape[1]
+        return math.prod(shape) // max(int(shape[0]) * int(channels), 1)
 
     def call_function(self, node):
         """Hand a function or method node to its handler; without one, an op on channels is unknown."""

@@ -46,7 +46,7 @@ _FUNCTIONS = {
 _METHODS = {aten.view: "view", aten.reshape: "reshape", aten._unsafe_view: "view", aten.clone: "clone",
             aten.contiguous: "contiguous", aten.squeeze: "squeeze", aten.unsqueeze: "unsqueeze",
             aten.detach: "detach", aten.alias: "detach"}  # detach: YOLOv10/26's one-to-one head reads x.detach()
-_CONVS = {aten.conv1d, aten.conv2d, aten.conv3d}
+_CONVS = {aten.conv1d, aten.conv2d, aten.conv3d, aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d}
 _NORMS = {aten.batch_norm, aten._native_batch_norm_legit_no_training, aten._native_batch_norm_legit_functional,
           aten.native_batch_norm, aten._native_batch_norm_legit}
 

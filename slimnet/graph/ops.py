@@ -251,13 +251,13 @@ def _reduce(a, node, x: Layout):
 
 
 def conv(a, node):
-    """A conv starts a new space (its filters) and records the one it reads. Depthwise: channel ``c``
+    """A conv (or a transposed conv) starts a new space (its filters) and records the one it reads. Depthwise: channel ``c``
     filters channel ``c``. Grouped: conv-group ``g`` reads input block ``g``, writes output block ``g``;
     ``groups`` is kept and every block cut to the same width (equal counts on each axis, chosen per block)."""
     name, m, x = node.target, a.modules[node.target], a.input_layout(node)
-    if m.transposed:
-        return a.unknown(node, f"{type(m).__name__} ('{name}')", type(m).__name__)
-    if m.groups == 1:
+    if m.transposed and m.groups > 1:
+        return a.unknown(node, f"grouped {type(m).__name__} ('{name}')", f"grouped {type(m).__name__}")
+    if m.groups == 1:  # a transposed conv too: its weight is (in, out, *kernel), the surgery knows
         a.record(name, "in", x)
         return a.output_space(name, m.out_channels)
     if m.groups == m.in_channels == m.out_channels:
