@@ -286,7 +286,7 @@ def _runs_after_cut(model: nn.Module, inputs) -> None:
     try:
         with preserved_modes(model):
             model.eval()(*inputs)
-    except Exception as err:  # noqa: BLE001 - any failure means the cut broke the forward
+    except Exception as err:  # any failure means the cut broke the forward
         raise _CutModelFails(_innermost_module(model, err), err) from err
 
 
