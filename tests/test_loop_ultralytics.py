@@ -218,6 +218,27 @@ def test_a_run_resumed_after_the_cut_keeps_the_cut_widths(tiny, tmp_path):
     assert layer_widths(YOLO(last).model) == cut
 
 
+def test_a_resumed_sparse_phase_goes_on_with_the_lambda_controller_it_had(tiny, tmp_path):
+    def crash_after_first_epoch(trainer):  # after last.pt of epoch 0 is written
+        raise _Crash
+
+    model = YOLO("yolov8n.yaml")
+    first = SparsityCallbacks(lam=1e-3, target=0.5).add_to(model)
+    model.add_callback("on_fit_epoch_end", crash_after_first_epoch)
+    with pytest.raises(_Crash):
+        model.train(data=str(tiny), epochs=2, name="crash_sparse", **_train_args(tmp_path))
+    state = first.core.controller.state_dict()
+    assert state["step"] > 0 and state["lam"] != 1e-3  # the controller moved λ during epoch 0
+
+    resumed = YOLO(tmp_path / "runs" / "crash_sparse" / "weights" / "last.pt")
+    second = SparsityCallbacks(lam=1e-3, target=0.5).add_to(resumed)
+    at_start = []
+    resumed.add_callback("on_train_epoch_start", lambda trainer: at_start.append(second.core.controller.state_dict()))
+    resumed.train(resume=True)
+    assert at_start[0] == state  # not restarted from lam
+    assert [h["epoch"] for h in second.history] == [0, 1]  # epoch 0's entry came with it
+
+
 # -- the γ step rides on ultralytics' optimizer -------------------------------------------------------
 def test_the_gamma_step_is_taken_once_per_optimizer_step_and_again_after_the_cut(tiny, tmp_path):
     """SGD, lr 0.01 held constant (lrf=1, no warmup), momentum μ=0.937, Nesterov; 8 images in batches of 4

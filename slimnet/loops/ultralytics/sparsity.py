@@ -28,7 +28,9 @@ class SparsityCallbacks(Callbacks):
     ``eps`` (a λ controller driving that share of γ below ``eps``).
 
     γ frozen by ``freeze=`` (``requires_grad=False``) get no step. ``history`` keeps λ and the γ
-    statistics of each epoch (also logged). A resumed run restarts a ``target`` controller from ``lam``.
+    statistics of each epoch (also logged). Both, and a ``target`` controller's state, ride in
+    ``model.yaml["slimnet_sparsity"]`` (plain data, like the cut plan), so ``resume=True`` goes on with
+    the λ the run had.
 
     Example::
 
@@ -55,11 +57,16 @@ class SparsityCallbacks(Callbacks):
         """The model, its optimizer and its EMA are built (and a resumed run's state loaded)."""
         net, fresh = network(trainer), not trainer.resume
         self.core.prepare(net, fresh=fresh, name=type(net).__name__)
+        saved = None if fresh else _saved_state(trainer)
+        if saved is not None:  # the state the interrupted run wrote at its last epoch's end
+            self.core.load_state_dict(saved)
         if fresh and self.core.gamma_init is not None and trainer.ema is not None:
             init_gammas(trainer.ema.ema, self.core.gamma_init)  # the EMA starts from the same γ
         steps = math.ceil(len(trainer.train_loader) / max(trainer.accumulate, 1))  # optimizer steps per epoch
         self.core.epoch = trainer.start_epoch
         self.core.start(steps, trainer.epochs)
+        if saved is not None and self.core.controller is not None:
+            info(f"resumed the λ controller at λ={self.core.controller.lam:.3g} (step {self.core.controller.step})")
         self._attach(trainer)
 
     def on_train_epoch_start(self, trainer) -> None:
@@ -74,6 +81,7 @@ class SparsityCallbacks(Callbacks):
 
     def on_train_epoch_end(self, trainer) -> None:
         entry = self.core.end_epoch(network(trainer))
+        _save_state(trainer, self.core.state_dict())  # before ultralytics writes last.pt
         info(f"epoch {entry['epoch']}: λ={entry['lam']:.3g}, "
              + ", ".join(f"γ {k}={v:.4g}" for k, v in entry.items() if k not in ("epoch", "lam")))
 
@@ -84,3 +92,22 @@ class SparsityCallbacks(Callbacks):
         missing = self.core.attach(network(trainer), [trainer.optimizer])
         if missing:
             warn(f"{missing} BatchNorm γ are in no optimizer param group: they get no sparsity step")
+
+
+STATE_KEY = "slimnet_sparsity"  # in model.yaml, beside the cut plan: what a resumed run goes on from
+
+
+def _save_state(trainer, state: dict) -> None:
+    """Put the sparsity state into the yaml of the model and of its EMA (ultralytics saves the EMA), as a
+    new dict each: the two may share one."""
+    for model in (network(trainer), getattr(trainer.ema, "ema", None)):
+        if model is not None and isinstance(getattr(model, "yaml", None), dict):
+            model.yaml = {**model.yaml, STATE_KEY: state}
+
+
+def _saved_state(trainer) -> dict | None:
+    for model in (getattr(trainer.ema, "ema", None), network(trainer)):
+        state = (getattr(model, "yaml", None) or {}).get(STATE_KEY) if model is not None else None
+        if isinstance(state, dict):
+            return state
+    return None
