@@ -239,6 +239,18 @@ def test_a_resumed_sparse_phase_goes_on_with_the_lambda_controller_it_had(tiny, 
     assert [h["epoch"] for h in second.history] == [0, 1]  # epoch 0's entry came with it
 
 
+def test_a_nan_in_the_epoch_of_the_cut_stops_with_the_cause_not_a_shape_error(tiny, tmp_path):
+    def diverge_in_the_cut_epoch(trainer):  # what a NaN loss leaves behind, seen by the recovery check
+        if trainer.epoch == 1:
+            trainer.loss = torch.tensor(float("nan"))
+
+    model = YOLO("yolov8n.yaml")
+    SlimmingCallbacks(epoch=1, percent=0.3).add_to(model)
+    model.add_callback("on_train_epoch_end", diverge_in_the_cut_epoch)
+    with pytest.raises(RuntimeError, match=r"NaN/Inf in epoch 1, the epoch of the cut: .*resume=True\) repeats the cut"):
+        model.train(data=str(tiny), epochs=3, name="nan", val=False, **_train_args(tmp_path))
+
+
 # -- the γ step rides on ultralytics' optimizer -------------------------------------------------------
 def test_the_gamma_step_is_taken_once_per_optimizer_step_and_again_after_the_cut(tiny, tmp_path):
     """SGD, lr 0.01 held constant (lrf=1, no warmup), momentum μ=0.937, Nesterov; 8 images in batches of 4

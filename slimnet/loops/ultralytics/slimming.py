@@ -10,6 +10,7 @@ so a fine-tune or a resume of a cut checkpoint keeps the cut widths (``widths.Cu
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 
@@ -162,6 +163,7 @@ class SlimmingCallbacks(Callbacks):
         if report.channels:  # else the model, its EMA and its checkpoints describe the same network still
             self._restart_ema(trainer, net)
             self._restart_ranking(trainer)
+            _no_recovery_into_the_uncut(trainer, trainer.epoch)
         out = report.to_dict()
         out.update(epoch=trainer.epoch, policy=self.core.policy, warnings=messages, val_before_cut=before,
                    surgery_seconds=time.perf_counter() - start)
@@ -218,3 +220,29 @@ def _head_outputs(net: torch.nn.Module) -> list[tuple[str, int]]:
     if dfl is not None:
         found.append(("dfl", dfl.in_channels))
     return found
+
+
+def _no_recovery_into_the_uncut(trainer, epoch: int) -> None:
+    """Ultralytics answers a NaN/Inf loss or fitness by loading last.pt into the model and redoing the
+    epoch. In the epoch of the cut, last.pt still holds the model from before the cut, which the cut model
+    cannot load (a shape error deep in ``load_state_dict``): stop with the cause and the way on instead."""
+    recover = getattr(trainer, "_handle_nan_recovery", None)
+    if recover is None:
+        return
+
+    def guarded(e):
+        if e == epoch and _diverged(trainer):
+            raise RuntimeError(
+                f"SlimmingCallbacks: NaN/Inf in epoch {epoch}, the epoch of the cut: ultralytics would reload "
+                f"{trainer.last.name}, which holds the model from before the cut and does not fit the cut one. "
+                "model.train(resume=True) repeats the cut from it; if the loss diverges again, lower lr0 (or "
+                "set amp=False) and train again")
+        return recover(e)
+
+    trainer._handle_nan_recovery = guarded
+
+
+def _diverged(trainer) -> bool:
+    loss, fitness = trainer.loss, trainer.fitness
+    return ((loss is not None and not bool(torch.isfinite(torch.as_tensor(loss)).all()))
+            or (fitness is not None and not math.isfinite(float(fitness))))
