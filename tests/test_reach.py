@@ -569,3 +569,12 @@ def test_a_grouped_transposed_conv_keeps_its_channels_and_says_so():
         slimnet.prune(model, X, thresh=0.2)
     assert model.up[0].in_channels == 8 and model.up[0].out_channels == 6  # both of its groups whole
     torch.testing.assert_close(model(X), ref)
+
+
+def test_reach_counts_a_module_reading_channels_from_a_shape_as_out_of_reach():
+    model = _WithShapeReader(branch=False).eval()
+    with pytest.warns(UserWarning):
+        r = slimnet.reach(model, X)
+    assert any("'attn' (_ShapeReader) reads a channel count" in reason for _, reason in r.frozen)
+    assert r.bn_channels < 1.0  # the stem's and the attention's norms: the body's group is still in reach
+    assert not any("body" in layers for layers, _ in r.frozen)

@@ -7,6 +7,7 @@ what the removed channels still emit into the remaining biases, ``surgery`` cuts
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 import warnings
@@ -31,10 +32,13 @@ from slimnet.engine.optim_state import ParamSnapshot
 from slimnet.engine.plan import (
     PlanDecision,
     PrunePlan,
+    _strongest,
+    _tied_counts,
     decide,
     group_scores,
     groups_summary,
     mark_frozen,
+    plan_for,
     restrict_to,
     why_nothing_cut,
 )
@@ -266,6 +270,36 @@ def nothing_cut_message(graph: ChannelGraph, model: nn.Module, threshold: float 
             "sparse phase pushes more γ to zero)")
 
 
+def find_kept_whole(model: nn.Module, example_inputs, leaf_modules=(), graph: ChannelGraph | None = None
+                    ) -> dict[str, str]:
+    """The modules a cut must keep whole because their forward reads a channel count the trace does not
+    show, with why, found as ``prune`` finds them: on a copy, take one channel out of every group a cut
+    could touch and run it. Only a graph with ops it does not model can hide such a read (else ``{}``,
+    at no cost); ``graph``: the model's graph if already traced. ``reach`` and the preflight use it."""
+    if graph is None:
+        graph = trace_channel_groups(model, example_inputs, leaf_modules)
+    found: dict[str, str] = {}
+    if not graph.unknown_ops:
+        return found
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            run_surgery(copy.deepcopy(model), example_inputs, _one_channel_from_each, fold_bias=False,
+                        measure_inputs=False, leaf_modules=leaf_modules, caller="probe", kept_whole=found,
+                        graph=graph)
+        except (RuntimeError, ValueError):  # a failure no module explains: the cut itself will say so
+            pass
+    return found
+
+
+def _one_channel_from_each(graph: ChannelGraph, _stats) -> PlanDecision:
+    """The probe's plan: one channel (one per block) out of every group that can lose channels."""
+    counts = _tied_counts(graph, {g.id: g.size - g.blocks for g in graph.groups if g.sliceable and g.size > g.blocks}, 1)
+    first = {gid: _strongest(-torch.arange(graph.groups[gid].size, dtype=torch.float), n, graph.groups[gid].blocks)
+             for gid, n in counts.items()}  # the first channels of each block: which ones does not matter
+    return PlanDecision(plan=plan_for(graph, first), threshold=None, kept=first)
+
+
 class _CutModelFails(Exception):
     """The cut model's forward raised: ``module`` is the innermost of the model's modules whose forward
     was running ("" for the model's own forward)."""
@@ -339,17 +373,21 @@ def run_surgery(
     leaf_modules=(),
     caller: str = "prune",
     input_stats: InputStats | None = None,
+    kept_whole: dict[str, str] | None = None,
+    graph: ChannelGraph | None = None,
 ) -> PruneReport:
     """Measure, trace, let ``choose`` decide a plan, fold, cut, and report: the steps every entry shares.
 
     ``measure_inputs``: record each layer's input statistics (needed by ``fold_bias`` and by choosers
     that look at activations), over ``stats_inputs`` if given, else over ``example_inputs``;
-    ``input_stats``: statistics already recorded, used instead (nothing is recorded here).
+    ``input_stats``: statistics already recorded, used instead (nothing is recorded here);
+    ``kept_whole``: filled with the modules found to read a channel count the trace does not show;
+    ``graph``: the model's graph if already traced (its warnings are then not repeated).
     """
     clock = _Clock()
     before = ParamSnapshot(model)  # lets carry_optimizer_state slice an optimizer's state afterwards
     said: set[str] = set()
-    kept_whole: dict[str, str] = {}  # modules found to read channel counts the trace cannot see
+    kept_whole = {} if kept_whole is None else kept_whole  # modules found to read counts the trace cannot see
 
     def trace() -> ChannelGraph:
         with preserved_modes(model):
@@ -361,7 +399,7 @@ def run_surgery(
                 warnings.warn(f"{caller}: {message}", stacklevel=4)
         return graph
 
-    graph = trace()
+    graph = trace() if graph is None else graph
     clock.lap("trace")
     # Output positions per conv/linear give the FLOPs before and after the cut from weight shapes alone:
     # the traced (train-mode) graph's when no module reads `training`, else an eval-mode trace's.

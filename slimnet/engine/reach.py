@@ -10,6 +10,9 @@ norm). The shares are:
   train-mode graph, so auxiliary heads count). An upper bound on what a cut can remove.
 
 Every frozen group holding a norm is listed with its reason; ``trace_channel_groups`` warns about each.
+A module whose forward reads a channel count the trace does not show (ultralytics' attention) is found
+as ``prune`` finds it, by running a copy cut by one channel per group (only when the graph holds an op it
+does not model), and its groups count as out of reach.
 Groups whose norms have a frozen γ (``requires_grad=False``, FrozenBatchNorm2d) are out of reach too,
 as ``prune`` keeps them whole unless ``cut_frozen=True`` (``plan.mark_frozen``): they were never
 sparsity-trained.
@@ -24,6 +27,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from slimnet.engine.cut import find_kept_whole
 from slimnet.engine.plan import mark_frozen
 from slimnet.graph import ChannelGraph, trace_channel_groups
 
@@ -85,7 +89,10 @@ def reach(model: nn.Module, example_inputs, leaf_modules=(), *, cut_frozen: bool
     frozen γ (``cut_frozen=True``: counted as ``prune(..., cut_frozen=True)`` would cut them); those
     warnings are the same facts as ``Reach.frozen``.
     """
-    graph = mark_frozen(trace_channel_groups(model, example_inputs, leaf_modules), model, cut_frozen)
+    graph = trace_channel_groups(model, example_inputs, leaf_modules)
+    if found := find_kept_whole(model, example_inputs, leaf_modules, graph):  # what only a cut model shows
+        graph = trace_channel_groups(model, example_inputs, leaf_modules, found)
+    graph = mark_frozen(graph, model, cut_frozen)
     for message in graph.warnings:
         warnings.warn(f"reach: {message}", stacklevel=2)
     return reach_of(graph)

@@ -23,6 +23,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from slimnet.deploy.latency import compare_latency, speedup_columns
+from slimnet.engine.cut import find_kept_whole
 from slimnet.engine.plan import restrict_to
 from slimnet.engine.reach import Reach, reach_of
 from slimnet.errors import ConfigError, first_line
@@ -129,6 +130,8 @@ def _preflight(task: TaskPlugin, what: str, cut_frozen: bool = False) -> Reach:
     net, inputs, within = task.cut_net()
     try:
         graph = trace_channel_groups(net, inputs)  # TraceError names the module and the way on
+        if found := find_kept_whole(net, inputs, graph=graph):  # modules only a cut model shows
+            graph = trace_channel_groups(net, inputs, keep_whole=found)
     except TraceError:
         raise
     except RuntimeError as err:
