@@ -53,6 +53,9 @@ RUNS = {  # name -> overrides of a slimnet run ({budget} filled in); None: a pee
     "tp_raw": None, "tp_mean": None, "tp_raw_distill": None, "tp_mean_distill": None,
     "scratch_l1": None, "scratch_pol_valley": None,
 }
+PAIRED = (("l1", "tp_mean"), ("l1", "tp_raw"), ("pol_70", "tp_mean"), ("l1_distill_w0.5", "l1"),
+          ("l1_distill_w0.3", "l1"), ("tp_mean_distill", "tp_mean"), ("pol_valley_distill", "pol_valley"),
+          ("scratch_l1", "l1"), ("scratch_pol_valley", "pol_valley"))
 THRESHOLDS = (0.05, 0.1, 0.2, 0.3)  # the valley-cut claim: under polarization these remove the same FLOPs
 
 
@@ -103,10 +106,21 @@ def run(name: str, seed: int, budget: float, out: Path, overrides: list[str], th
            "commit": commit()}
     if (run_dir / "pruned.pt").is_file() and not name.startswith("tp_"):
         row["cfg"] = found_cfg(run_dir)
-    sparse = run_dir / "checkpoints" / "sparse.ckpt"
-    if name == "pol_valley" and sparse.is_file():
+    if name == "pol_valley" and (sparse := sparse_checkpoint(out, name, seed)) is not None:
         row["plateau"] = plateau(sparse)
     return row
+
+
+def sparse_checkpoint(out: Path, name: str, seed: int) -> Path | None:
+    """The sparse model a row was cut from: its own, or the shared sparse phase's it reused."""
+    run_dir = out / f"{name}-seed{seed}"
+    own = run_dir / "checkpoints" / "sparse.ckpt"
+    if own.is_file():
+        return own
+    results = run_dir / "results.json"
+    key = (json.loads(results.read_text()).get("sparse_phase") or {}).get("key") if results.is_file() else None
+    shared = out / "sparse_cache" / str(key) / "sparse.ckpt"
+    return shared if key and shared.is_file() else None
 
 
 def plateau(checkpoint: Path) -> dict[str, float]:
@@ -187,6 +201,10 @@ def main() -> None:
     env["host_train_images_per_second"] = data["env"].get("host_train_images_per_second") or host_images_per_second()
     data["env"] = env
     done = {(r["run"], r["seed"]) for r in data["rows"]}
+    for row in data["rows"]:  # rows whose sparse model was a shared one: their plateau, measured now
+        if row["run"] == "pol_valley" and "plateau" not in row and (
+                sparse := sparse_checkpoint(args.out, row["run"], row["seed"])) is not None:
+            row["plateau"] = plateau(sparse)
     lock = threading.Lock()
 
     def one_seed(seed: int) -> None:
@@ -256,6 +274,16 @@ def write_report(data: dict) -> None:
                                            ("l1", "tp_mean"), ("l1_distill", "tp_mean"), ("tp_raw_distill", "tp_raw"),
                                            ("l1", "scratch_l1"), ("pol_valley", "scratch_pol_valley"))
                               if a in means and b in means)]
+    by = {(r["run"], r["seed"]): r["test_acc"] for r in rows}
+    paired = []
+    for a, b in PAIRED:  # the same seed's sparse model on both sides: the spread of the differences is the test
+        diffs = [100 * (by[(a, s)] - by[(b, s)]) for s in sorted({s for _, s in by}) if (a, s) in by and (b, s) in by]
+        if diffs:
+            sd = f" ± {statistics.stdev(diffs):.2f}" if len(diffs) > 1 else ""
+            paired.append(f"{a} − {b} = {statistics.mean(diffs):+.2f}{sd} over {len(diffs)} seed(s) "
+                          f"({', '.join(f'{d:+.2f}' for d in diffs)})")
+    if paired:
+        lines += ["", "Paired by seed (pp, mean ± sd of the per-seed differences): " + "; ".join(paired)]
     if env:
         seeds = sorted({r["seed"] for r in rows})
         lines.append(f"\nOverrides: {' '.join(env['overrides']) or 'none'}; budget prune.target_flops={env['budget']}; "
