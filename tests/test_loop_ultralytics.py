@@ -239,7 +239,7 @@ def test_a_resumed_sparse_phase_goes_on_with_the_lambda_controller_it_had(tiny, 
     assert [h["epoch"] for h in second.history] == [0, 1]  # epoch 0's entry came with it
 
 
-def test_a_nan_in_the_epoch_of_the_cut_stops_with_the_cause_not_a_shape_error(tiny, tmp_path):
+def test_a_nan_in_the_epoch_of_the_cut_stops_with_the_way_on_which_folds_with_recorded_statistics(tiny, tmp_path):
     def diverge_in_the_cut_epoch(trainer):  # what a NaN loss leaves behind, seen by the recovery check
         if trainer.epoch == 1:
             trainer.loss = torch.tensor(float("nan"))
@@ -249,6 +249,16 @@ def test_a_nan_in_the_epoch_of_the_cut_stops_with_the_cause_not_a_shape_error(ti
     model.add_callback("on_train_epoch_end", diverge_in_the_cut_epoch)
     with pytest.raises(RuntimeError, match=r"NaN/Inf in epoch 1, the epoch of the cut: .*resume=True\) repeats the cut"):
         model.train(data=str(tiny), epochs=3, name="nan", val=False, **_train_args(tmp_path))
+
+    # the way on it names: resume at the cut, which folds with the statistics recorded before it
+    weights = tmp_path / "runs" / "nan" / "weights"
+    assert (weights / "slimnet_fold_stats.pt").is_file()  # written beside last.pt of epoch 0
+    resumed, slimming, seen = YOLO(weights / "last.pt"), SlimmingCallbacks(epoch=1, percent=0.3), []
+    resumed.add_callback("on_train_epoch_start", lambda trainer: seen.append(slimming.core.fold_stats is not None))
+    slimming.add_to(resumed)  # after the probe: it sees the state right before the cut
+    resumed.train(resume=True)
+    assert seen[0] and slimming.report is not None and slimming.report["folded"]
+    assert not (weights / "slimnet_fold_stats.pt").exists()  # spent with the cut
 
 
 # -- the γ step rides on ultralytics' optimizer -------------------------------------------------------

@@ -71,7 +71,8 @@ class SlimmingCallbacks(Callbacks):
         YOLO("runs/detect/train/weights/best.pt").export(format="onnx")   # the cut model
     """
 
-    EVENTS = ("on_pretrain_routine_start", "on_pretrain_routine_end", "on_train_epoch_start", "on_train_epoch_end")
+    EVENTS = ("on_pretrain_routine_start", "on_pretrain_routine_end", "on_train_epoch_start", "on_train_epoch_end",
+              "on_model_save")
 
     def __init__(self, epoch: int, thresh: float | None = None, percent: float | None = None,
                  target_flops: float | None = None, *, min_channels: int = 1, round_to: int = 1,
@@ -124,7 +125,13 @@ class SlimmingCallbacks(Callbacks):
                      "carries no cut: nothing is cut in this run")
             return
         if trainer.resume and trainer.start_epoch == self.epoch and self.core.fold_bias:
-            info("resumed at the cut: β folding uses the constants a zero image gives (exact for γ = 0)")
+            saved = trainer.wdir / FOLD_STATS
+            if saved.is_file():  # written with last.pt at the end of the epoch before the cut
+                self.core.load_state_dict(torch.load(saved, map_location="cpu", weights_only=True))
+            if self.core.fold_stats is not None:
+                info(f"resumed at the cut: β folding uses the input statistics recorded before it ({saved.name})")
+            else:
+                info("resumed at the cut: β folding uses the constants a zero image gives (exact for γ = 0)")
         with preserved_modes(net):
             self.core.check_cuttable(net.eval(), self._inputs, type(net).__name__)
         if self.core.policy == "percent" and not self.core.percent:
@@ -135,6 +142,15 @@ class SlimmingCallbacks(Callbacks):
     # -- the epoch before the cut: β folding's statistics -----------------------------------------------
     def on_train_epoch_end(self, trainer) -> None:
         self.core.stop(keep=True)
+
+    def on_model_save(self, trainer) -> None:
+        """Beside last.pt: the statistics a resume exactly at the cut folds with (per-layer means and
+        ranges, no image); removed once the cut has spent them."""
+        path = trainer.wdir / FOLD_STATS
+        if self.core.fold_stats is not None and not self.core.done:
+            torch.save(self.core.state_dict(), path)
+        elif self.core.done:
+            path.unlink(missing_ok=True)
 
     # -- the cut --------------------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer) -> None:
@@ -220,6 +236,9 @@ def _head_outputs(net: torch.nn.Module) -> list[tuple[str, int]]:
     if dfl is not None:
         found.append(("dfl", dfl.in_channels))
     return found
+
+
+FOLD_STATS = "slimnet_fold_stats.pt"  # in the run's weights/ folder, while a cut is pending
 
 
 def _no_recovery_into_the_uncut(trainer, epoch: int) -> None:
