@@ -7,7 +7,7 @@ channels are intact; a frozen eval-mode copy gets the very same plan; two passes
 replays on the original model; ``round_to`` holds; removing channels whose γ = β = 0 keeps the outputs
 (``assert_close``). Plus: an unknown op in the middle of a real network, and the models without BatchNorm.
 wide_resnet50_2 and vgg16_bn left the list to keep the suite under its 10 minutes: they are resnet50 and
-vgg11_bn at other widths and depths (the same modules, the same graph ops; the two took ~40 s), and
+vgg11_bn at other widths and depths (the same modules, the same graph ops), and
 ``scripts/bench_surgery.py`` still cuts both.
 
 Small inputs (64x64, 75x75 for Inception v3), one intra-op thread, each model built once per module
