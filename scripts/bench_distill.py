@@ -42,6 +42,8 @@ POLARIZATION = ["sparsity.kind=polarization"]
 RUNS = {  # name -> overrides of a slimnet run ({budget} filled in); None: a peer or from-scratch row
     "unpruned": ["experiment=baseline"],
     "l1": ["prune.target_flops={budget}"],
+    # slimnet's cut without folding the removed channels' β: the cut Torch-Pruning makes with raw |γ|
+    "l1_nofold": ["prune.target_flops={budget}", "prune.fold_bias=false"],
     "l1_distill": ["prune.target_flops={budget}", *DISTIL],
     # the soft term's weight: 0.9 (Tian et al.'s default) kept the student at its teacher's level, below plain
     # fine-tuning (docs/distillation.md), so lighter weights are rows of their own
@@ -53,7 +55,7 @@ RUNS = {  # name -> overrides of a slimnet run ({budget} filled in); None: a pee
     "tp_raw": None, "tp_mean": None, "tp_raw_distill": None, "tp_mean_distill": None,
     "scratch_l1": None, "scratch_pol_valley": None,
 }
-PAIRED = (("l1", "tp_mean"), ("l1", "tp_raw"), ("pol_70", "tp_mean"), ("l1_distill_w0.5", "l1"),
+PAIRED = (("l1", "tp_mean"), ("l1", "tp_raw"), ("l1_nofold", "tp_mean"), ("l1_nofold", "l1"), ("pol_70", "tp_mean"), ("l1_distill_w0.5", "l1"),
           ("l1_distill_w0.3", "l1"), ("tp_mean_distill", "tp_mean"), ("pol_valley_distill", "pol_valley"),
           ("scratch_l1", "l1"), ("scratch_pol_valley", "pol_valley"))
 THRESHOLDS = (0.05, 0.1, 0.2, 0.3)  # the valley-cut claim: under polarization these remove the same FLOPs
@@ -220,6 +222,8 @@ def main() -> None:
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         for future in [pool.submit(one_seed, seed) for seed in args.seeds]:
             future.result()
+    JSON.write_text(json.dumps(data, indent=1) + "\n")  # plateaus measured above, rows adopted by hand
+    write_report(data)
     print(MD.read_text())
 
 
